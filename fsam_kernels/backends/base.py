@@ -1,0 +1,133 @@
+"""The backend interface: the four multi-tensor operations of SPEC §6.
+
+Every backend (reference, foreach, cpu, cuda, triton) subclasses
+:class:`Backend` and implements the same four in-place operations. One call
+covers every tensor of a parameter group (however many), on one device. No
+operation reads a device value back to the host (SPEC §4), except in the
+reference backend, which is the slow transcription kept for checks.
+
+Conventions shared by all operations
+------------------------------------
+- ``params``, ``grads``, ``backups``: lists of tensors of equal length, the
+  i-th entries having the same shape. Parameter dtype is float32, float16,
+  bfloat16 or float64; a grad may have a different floating dtype and
+  different strides from its parameter (it is read by logical index).
+  ``backups[i]`` has the parameter's dtype, shape and strides.
+- ``exp_avgs``, ``exp_avg_sqs``: float32 state (float64 for float64 params),
+  same shape and strides as the parameter.
+- ``steps``: 0-d float32 tensors on the parameter's device, the number of
+  AdamW updates each parameter has received (SPEC notation t).
+- ``grad_scale``: ``None`` or a 0-d float32 tensor s; every grad read is
+  divided by s exactly once (SPEC §4).
+- ``found_inf``: a 0-d float32 tensor; non-zero means "skip this step".
+- ``norm_sq`` / ``out``: 0-d tensor of dtype ``backend.norm_dtype``
+  (float32; float64 in the reference) holding N² of SPEC §1.
+- Hyperparameters are Python floats / bools (never baked into a kernel).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+class Backend:
+    """Abstract multi-tensor backend (SPEC §6). Subclasses override all four ops."""
+
+    #: registry name, e.g. "reference"
+    name: str = "base"
+    #: dtype of the N² accumulator this backend reads and writes
+    norm_dtype: torch.dtype = torch.float32
+    #: True for backends that never synchronise with the device in the step path
+    fused: bool = False
+
+    @classmethod
+    def availability(cls, device: torch.device) -> tuple[bool, str]:
+        """Return ``(available, reason)`` for tensors on ``device``."""
+        return True, ""
+
+    # 1. sq_norm -------------------------------------------------------------
+    def sq_norm(
+        self,
+        grads: Sequence[Tensor],
+        exp_avg_sqs: Optional[Sequence[Tensor]],
+        steps: Optional[Sequence[Tensor]],
+        *,
+        beta2: float,
+        eps: float,
+        precondition: bool,
+        grad_scale: Optional[Tensor],
+        out: Tensor,
+    ) -> None:
+        """``out += Σ_i Σ d_i²`` with d of SPEC §1.
+
+        d = (g/s) / (sqrt(v / (1 - beta2**t)) + eps) where ``precondition`` and
+        t >= 1 for that tensor, else d = g/s. ``exp_avg_sqs`` and ``steps``
+        may be None when ``precondition`` is False. Accumulation is in float32
+        or wider, in a fixed order (deterministic).
+        """
+        raise NotImplementedError
+
+    # 2. perturb -------------------------------------------------------------
+    def perturb(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        backups: Sequence[Tensor],
+        exp_avg_sqs: Optional[Sequence[Tensor]],
+        steps: Optional[Sequence[Tensor]],
+        *,
+        rho: float,
+        norm_sq: Tensor,
+        norm_eps: float,
+        beta2: float,
+        eps: float,
+        precondition: bool,
+        grad_scale: Optional[Tensor],
+        found_inf: Tensor,
+    ) -> None:
+        """``b <- p``; then ``p <- p + (rho / (sqrt(N²) + norm_eps)) * d``.
+
+        The scale is computed on the device from ``norm_sq`` (float32) and the
+        product is formed in float32 and rounded once to the parameter dtype.
+        If ``norm_sq`` is not finite, ``found_inf`` is set to 1. If
+        ``found_inf`` is non-zero (already, or just set), parameters are left
+        unchanged (backups are still written).
+        """
+        raise NotImplementedError
+
+    # 3. restore_adamw -------------------------------------------------------
+    def restore_adamw(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        backups: Optional[Sequence[Tensor]],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_sqs: Sequence[Tensor],
+        steps: Sequence[Tensor],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        maximize: bool,
+        grad_scale: Optional[Tensor],
+        found_inf: Tensor,
+    ) -> None:
+        """``p <- b`` (bitwise; skipped when ``backups`` is None), then unless
+        ``found_inf`` is non-zero the AdamW update of SPEC §3 with
+        ĝ = grads/s (negated if ``maximize``), incrementing ``steps``.
+        When ``found_inf`` is non-zero, exp_avg, exp_avg_sq and steps are
+        left bitwise unchanged.
+        """
+        raise NotImplementedError
+
+    # 4. restore -------------------------------------------------------------
+    def restore(self, params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+        """``p <- b`` bitwise for every pair."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"<fsam_kernels backend {self.name!r}>"
