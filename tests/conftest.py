@@ -1,0 +1,25 @@
+"""Test configuration.
+
+Without a CUDA device, Triton kernels run through the interpreter on CPU
+tensors: TRITON_INTERPRET must be set before triton is first imported, so it
+is set here, before any test module imports fsam_kernels.
+"""
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_large: needs a GPU with ~50 GiB free")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: slower end-to-end test")
