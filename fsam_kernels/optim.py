@@ -1,0 +1,565 @@
+"""SAM and Functional-SAM optimizers over AdamW (SPEC.md).
+
+Both optimizers run the two-pass SAM protocol with AdamW as the base update:
+
+1. pass 1 at θ: g = ∇L(θ) (for Functional-SAM also the output cotangent
+   c0 = ∂ℓ/∂z(θ));
+2. ascent (SPEC §1): d = g, or d = g / (sqrt(v̂) + eps) when
+   ``precondition=True`` (and the parameter has had at least one update);
+   e = rho · d / (‖d‖ + 1e-12) with the norm taken over all groups;
+   θ ← θ + e, keeping a bitwise backup of θ;
+3. pass 2 at θ + e: SAM uses ĝ = ∇L(θ+e); Functional-SAM uses
+   ĝ = J(θ+e)ᵀ c0 (SPEC §2, paper §4);
+4. descent (SPEC §3): θ ← backup (bitwise), then AdamW with ĝ.
+
+Source: Singh, Mobahi, Agarwala, Dauphin, "Avoiding spurious sharpness
+minimization broadens applicability of SAM", ICML 2025 (arXiv 2502.02407);
+AdamW semantics follow ``torch.optim.AdamW``.
+
+The multi-tensor work is done by a backend (``backend=``): "reference"
+(per-tensor transcription of SPEC, slow, for checks), "foreach"
+(torch._foreach ops), "cpu"/"cuda" (native C++/CUDA kernels), "triton", or
+"auto" (the fastest available for the parameters' device).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import BACKEND_NAMES, Backend, get_backend
+from .functional import differentiable_items, flatten_output
+
+__all__ = ["SAM", "FunctionalSAM"]
+
+_NORM_EPS = 1e-12
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """exp_avg / exp_avg_sq dtype: float64 for float64 params, else float32 (SPEC)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _check_float(name: str, value, *, low: float = 0.0, high: Optional[float] = None,
+                 high_open: bool = True) -> None:
+    if isinstance(value, Tensor):
+        raise TypeError(
+            f"{name}: expected a Python float, got a Tensor; tensor hyperparameters are "
+            "not supported (pass float(value))")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < low or (high is not None and (v >= high if high_open else v > high)):
+        if high is None:
+            raise ValueError(f"{name}: expected a finite value >= {low}, got {value!r}")
+        br = ")" if high_open else "]"
+        raise ValueError(f"{name}: expected a value in [{low}, {high}{br}, got {value!r}")
+
+
+def _validate_group(group: Dict[str, Any], where: str) -> None:
+    _check_float(f"{where}lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
+    _check_float(f"{where}betas[0]", betas[0], low=0.0, high=1.0)
+    _check_float(f"{where}betas[1]", betas[1], low=0.0, high=1.0)
+    _check_float(f"{where}eps", group["eps"])
+    _check_float(f"{where}weight_decay", group["weight_decay"])
+    _check_float(f"{where}rho", group["rho"])
+    for flag in ("precondition", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{where}{flag}: expected a bool, got {group[flag]!r}")
+
+
+class _RNGState:
+    """CPU and CUDA generator states, so pass 2 sees pass 1's dropout masks."""
+
+    def __init__(self, devices) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = {}
+        for d in devices:
+            if d.type == "cuda":
+                idx = d.index if d.index is not None else torch.cuda.current_device()
+                if idx not in self.cuda:
+                    self.cuda[idx] = torch.cuda.get_rng_state(idx)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for idx, s in self.cuda.items():
+            torch.cuda.set_rng_state(s, idx)
+
+
+class _SAMBase(torch.optim.Optimizer):
+    _functional = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rho: float = 0.05,
+        precondition: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        same_dropout_masks: bool = True,
+    ) -> None:
+        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        eps=eps, weight_decay=weight_decay, rho=rho,
+                        precondition=precondition, maximize=maximize)
+        _validate_group(defaults, "")
+        if not isinstance(same_dropout_masks, bool):
+            raise TypeError(f"same_dropout_masks: expected a bool, got {same_dropout_masks!r}")
+        self.backend_name = backend
+        self.same_dropout_masks = same_dropout_masks
+        self.norm_eps = _NORM_EPS
+        self._backends: Dict[torch.device, Backend] = {}
+        self._backups: Dict[Tensor, Tensor] = {}
+        self._perturbed: Optional[List[List[Tensor]]] = None
+        self._found_inf: Dict[torch.device, Tensor] = {}
+        #: True when the last step was skipped (non-finite values; SPEC §4).
+        #: A 0-d bool tensor on the device (reading it syncs), or None before any step.
+        self.last_step_skipped: Optional[Tensor] = None
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group (torch semantics); validates it and rejects duplicates.
+
+        Raises ``ValueError`` if a parameter appears twice in the group or is
+        already in another group, and ``TypeError``/``ValueError`` for invalid
+        hyperparameters, naming the group.
+        """
+        if isinstance(param_group.get("params"), Tensor):
+            param_group = dict(param_group, params=[param_group["params"]])
+        elif isinstance(param_group.get("params"), set):
+            raise TypeError("params: parameters must be an ordered collection, not a set")
+        else:
+            param_group = dict(param_group, params=list(param_group["params"]))
+        idx = len(self.param_groups)
+        seen = set()
+        existing = {id(p) for g in self.param_groups for p in g["params"]}
+        for i, p in enumerate(param_group["params"]):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params: group {idx} item {i} is a {type(p).__name__}, expected a Tensor")
+            if id(p) in seen or id(p) in existing:
+                raise ValueError(
+                    f"params: group {idx} item {i} (shape {tuple(p.shape)}) appears more than "
+                    "once in the optimizer's parameters; each parameter may be given only once")
+            seen.add(id(p))
+            if not p.is_floating_point():
+                if p.is_complex():
+                    raise TypeError(
+                        f"params: group {idx} item {i} is complex ({p.dtype}); complex "
+                        "parameters are not supported: pass torch.view_as_real views instead")
+                raise TypeError(f"params: group {idx} item {i} has dtype {p.dtype}, "
+                                "expected a floating-point tensor")
+        for k, v in self.defaults.items():
+            param_group.setdefault(k, v)
+        if isinstance(param_group["betas"], list):
+            param_group["betas"] = tuple(param_group["betas"])
+        _validate_group(param_group, f"param_groups[{idx}].")
+        super().add_param_group(param_group)
+        for p in param_group["params"]:
+            self._backend(p.device)
+
+    def _backend(self, device: torch.device) -> Backend:
+        b = self._backends.get(device)
+        if b is None:
+            b = get_backend(self.backend_name, device)
+            self._backends[device] = b
+        return b
+
+    @property
+    def backends(self) -> Dict[str, str]:
+        """Backend chosen per device, e.g. ``{"cpu": "cpu"}``."""
+        return {str(d): b.name for d, b in self._backends.items()}
+
+    # -- state ----------------------------------------------------------------
+    def _init_state(self, p: Tensor) -> Dict[str, Tensor]:
+        state = self.state[p]
+        if len(state) == 0:
+            sd = _state_dtype(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+        return state
+
+    def _backup_for(self, p: Tensor) -> Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.stride() != p.stride():
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backups[p] = b
+        return b
+
+    def _flag(self, device: torch.device) -> Tensor:
+        f = self._found_inf.get(device)
+        if f is None:
+            f = torch.zeros((), dtype=torch.float32, device=device)
+            self._found_inf[device] = f
+        return f
+
+    @staticmethod
+    def _check_grad(p: Tensor, gi: int, i: int, which: str) -> None:
+        g = p.grad
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(
+                f"param_groups[{gi}] param {i}: {which} gradient is sparse ({g.layout}); "
+                "SAM/FunctionalSAM support dense gradients only")
+        if g.shape != p.shape:
+            raise RuntimeError(f"param_groups[{gi}] param {i}: {which} gradient has shape "
+                               f"{tuple(g.shape)}, parameter has {tuple(p.shape)}")
+
+    def _by_device(self, items):
+        out = defaultdict(list)
+        for it in items:
+            out[it[0].device].append(it)
+        return out
+
+    # -- the two phases -------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, grad_scale: Optional[Tensor] = None,
+                   found_inf: Optional[Tensor] = None) -> None:
+        """Ascent (SPEC §1): perturb θ → θ + e using the current ``.grad``.
+
+        Call after the pass-1 backward(s). ``grad_scale``: optional 0-d
+        float32 tensor dividing every grad (loss scaling). ``found_inf``:
+        optional 0-d float32 tensor; non-zero (or a non-finite norm) skips
+        the perturbation. Raises ``RuntimeError`` if called twice without
+        ``second_step()``.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError("first_step: called twice without second_step(); "
+                               "the parameters are already perturbed")
+        groups_items = []
+        devices = set()
+        for gi, group in enumerate(self.param_groups):
+            items = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                self._check_grad(p, gi, i, "pass-1")
+                state = self._init_state(p) if group["precondition"] else self.state.get(p)
+                items.append((p, p.grad, state))
+                devices.add(p.device)
+            groups_items.append(items)
+        self._found_inf_user = found_inf
+        for d in devices:
+            f = self._flag(d)
+            if found_inf is not None:
+                f.copy_(found_inf.to(d))
+            else:
+                f.zero_()
+        norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d) for d in devices}
+        for group, items in zip(self.param_groups, groups_items):
+            beta2 = group["betas"][1]
+            for d, its in self._by_device(items).items():
+                pre = group["precondition"]
+                self._backend(d).sq_norm(
+                    [g for _, g, _ in its],
+                    [s["exp_avg_sq"] for _, _, s in its] if pre else None,
+                    [s["step"] for _, _, s in its] if pre else None,
+                    beta2=beta2, eps=group["eps"], precondition=pre,
+                    grad_scale=self._scale_on(grad_scale, d), out=norm_sq[d])
+        if len(norm_sq) > 1:  # parameters on several devices: one global norm
+            total = sum(n.to(torch.float64).cpu() for n in norm_sq.values())
+            for d in norm_sq:
+                norm_sq[d].copy_(total.to(d))
+        self._reduce_norm_sq(norm_sq)
+        perturbed = []
+        for group, items in zip(self.param_groups, groups_items):
+            plist = []
+            for d, its in self._by_device(items).items():
+                pre = group["precondition"]
+                ps = [p for p, _, _ in its]
+                self._backend(d).perturb(
+                    ps, [g for _, g, _ in its], [self._backup_for(p) for p in ps],
+                    [s["exp_avg_sq"] for _, _, s in its] if pre else None,
+                    [s["step"] for _, _, s in its] if pre else None,
+                    rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
+                    beta2=group["betas"][1], eps=group["eps"], precondition=pre,
+                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
+                plist.extend(ps)
+            perturbed.append(plist)
+        self._perturbed = perturbed
+        self._last_norm_sq = norm_sq
+
+    def _reduce_norm_sq(self, norm_sq: Dict[torch.device, Tensor]) -> None:
+        """Hook for sharded parameters (sum N² over the shard group)."""
+
+    @staticmethod
+    def _scale_on(grad_scale: Optional[Tensor], device) -> Optional[Tensor]:
+        if grad_scale is None:
+            return None
+        if not isinstance(grad_scale, Tensor) or grad_scale.numel() != 1:
+            raise TypeError("grad_scale: expected a 1-element float32 tensor")
+        return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def second_step(self, grad_scale: Optional[Tensor] = None,
+                    found_inf: Optional[Tensor] = None) -> None:
+        """Descent (SPEC §3): restore θ bitwise, then AdamW with the pass-2 ``.grad``.
+
+        Call after the pass-2 backward(s). Parameters perturbed in
+        ``first_step`` without a pass-2 grad are restored and not updated;
+        parameters with a pass-2 grad that were not perturbed get a normal
+        AdamW update. ``found_inf`` (optional 0-d float32 tensor) non-zero
+        skips the update (θ restored, state unchanged).
+        Raises ``RuntimeError`` if ``first_step()`` was not called.
+        """
+        if self._perturbed is None:
+            raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
+        perturbed = self._perturbed
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        for d in devices:
+            f = self._flag(d)
+            if found_inf is not None:
+                f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
+        for gi, group in enumerate(self.param_groups):
+            pset = {id(p) for p in perturbed[gi]} if gi < len(perturbed) else set()
+            with_grad, without = [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._check_grad(p, gi, i, "pass-2")
+                    with_grad.append(p)
+                elif id(p) in pset:
+                    without.append(p)
+            for d, ps in self._by_device([(p,) for p in without]).items():
+                self._backend(d).restore([p for (p,) in ps], [self._backups[p] for (p,) in ps])
+            restored = [p for p in with_grad if id(p) in pset]
+            fresh = [p for p in with_grad if id(p) not in pset]
+            beta1, beta2 = group["betas"]
+            for plist, has_backup in ((restored, True), (fresh, False)):
+                for d, ps in self._by_device([(p,) for p in plist]).items():
+                    ps = [p for (p,) in ps]
+                    states = [self._init_state(p) for p in ps]
+                    self._backend(d).restore_adamw(
+                        ps, [p.grad for p in ps],
+                        [self._backups[p] for p in ps] if has_backup else None,
+                        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                        [s["step"] for s in states],
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], maximize=group["maximize"],
+                        grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
+        self._perturbed = None
+        flags = [f != 0 for f in self._found_inf.values()]
+        self.last_step_skipped = flags[0] if len(flags) == 1 else (
+            torch.stack([f.cpu() for f in flags]).any() if flags else None)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a pending ``first_step()``: θ + e → θ (bitwise), no update."""
+        if self._perturbed is None:
+            return
+        for plist in self._perturbed:
+            for d, ps in self._by_device([(p,) for p in plist]).items():
+                ps = [p for (p,) in ps]
+                self._backend(d).restore(ps, [self._backups[p] for p in ps])
+        self._perturbed = None
+
+    # -- closure API ----------------------------------------------------------
+    def _devices(self):
+        return {p.device for g in self.param_groups for p in g["params"]}
+
+    @staticmethod
+    def _unpack(result, which: str):
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(
+                f"closure: expected it to return (output, loss) in {which}, got "
+                f"{type(result).__name__}; the closure runs the forward pass only "
+                "(no backward) and returns the model output and the scalar loss")
+        output, loss = result
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"closure: the loss returned in {which} must be a 1-element "
+                            f"tensor, got {type(loss).__name__}"
+                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+        if not loss.requires_grad:
+            raise ValueError(f"closure: the loss returned in {which} does not depend on any "
+                             "parameter (it does not require grad)")
+        flatten_output(output, argname="closure output")
+        return output, loss
+
+    def step(self, closure: Optional[Callable[[], Tuple[Any, Tensor]]] = None) -> Tensor:
+        """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
+
+        ``closure``: a callable running the forward pass only and returning
+        ``(output, loss)``: the model output (tensor, tuple or dict of
+        tensors) and the scalar loss. Do not call ``backward`` or
+        ``zero_grad`` inside it: the optimizer sets grads to None and runs the
+        backward passes itself (SAM: ``loss.backward()`` in both passes;
+        Functional-SAM: pass 2 runs ``output.backward(c0)`` with the pass-1
+        cotangent c0, SPEC §2). With ``same_dropout_masks`` (default) the RNG
+        state is restored before pass 2 so dropout draws the same masks.
+
+        Raises ``TypeError`` if ``closure`` is missing or returns the wrong
+        thing, ``ValueError`` if the loss or output does not depend on the
+        parameters. If pass 2 raises, θ is restored before re-raising.
+        """
+        if closure is None:
+            raise TypeError(
+                f"closure: {type(self).__name__}.step needs a closure returning (output, loss); "
+                "for a hand-written loop call first_step() after pass 1 and second_step() "
+                "after pass 2")
+        if self._perturbed is not None:
+            raise RuntimeError("step: a first_step() is pending; call second_step() or restore()")
+        rng = _RNGState(self._devices()) if self.same_dropout_masks else None
+        with torch.enable_grad():
+            output, loss = self._unpack(closure(), "pass 1")
+            self.zero_grad(set_to_none=True)
+            cot = self._pass1_backward(output, loss)
+        self.first_step()
+        try:
+            if rng is not None:
+                rng.restore()
+            with torch.enable_grad():
+                output2, loss2 = self._unpack(closure(), "pass 2")
+                self.zero_grad(set_to_none=True)
+                self._pass2_backward(output2, loss2, cot)
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss.detach()
+
+    def _pass1_backward(self, output, loss):
+        loss.backward()
+        return None
+
+    def _pass2_backward(self, output, loss, cot):
+        loss.backward()
+
+    # -- state_dict -----------------------------------------------------------
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load optimizer state (torch format: ``state`` and ``param_groups``).
+
+        Unlike ``torch.optim.Optimizer.load_state_dict``, exp_avg/exp_avg_sq
+        keep float32 for 16-bit parameters (never rounded to the parameter
+        dtype) and ``step`` is placed on the parameter's device as float32.
+        A saved group may hold fewer parameters than the current one (e.g. a
+        group that was empty when saved): the extra current parameters start
+        with fresh state (t = 0). Raises ``ValueError`` on mismatched groups
+        or state shapes.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: has {len(saved_groups)} parameter groups, "
+                             f"the optimizer has {len(self.param_groups)}")
+        id_map = {}
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) > len(g["params"]):
+                raise ValueError(f"state_dict: group {gi} has {len(sg['params'])} parameters, "
+                                 f"the optimizer's has {len(g['params'])}")
+            for old, p in zip(sg["params"], g["params"]):
+                id_map[old] = p
+        new_state = defaultdict(dict)
+        for k, st in state_dict["state"].items():
+            if k not in id_map:
+                continue
+            p = id_map[k]
+            ns = {}
+            for key, val in st.items():
+                if key == "step":
+                    ns[key] = (val.detach().clone() if isinstance(val, Tensor) else torch.tensor(float(val))
+                               ).to(device=p.device, dtype=torch.float32).reshape(())
+                elif isinstance(val, Tensor):
+                    if val.shape != p.shape:
+                        raise ValueError(f"state_dict: state {key!r} of parameter {k} has shape "
+                                         f"{tuple(val.shape)}, the parameter has {tuple(p.shape)}")
+                    ns[key] = val.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
+                else:
+                    ns[key] = val
+            new_state[p] = ns
+        groups = []
+        for sg, g in zip(saved_groups, self.param_groups):
+            ng = {k: v for k, v in sg.items() if k != "params"}
+            ng["params"] = g["params"]
+            for k, v in self.defaults.items():
+                ng.setdefault(k, v)
+            if isinstance(ng.get("betas"), list):
+                ng["betas"] = tuple(ng["betas"])
+            groups.append(ng)
+        for gi, ng in enumerate(groups):
+            _validate_group(ng, f"state_dict param_groups[{gi}].")
+        self.state = new_state
+        self.param_groups = groups
+        self._perturbed = None
+
+
+class SAM(_SAMBase):
+    r"""Sharpness-Aware Minimization over AdamW (Foret et al. 2021), with the
+    preconditioned ascent of Singh et al. 2025 (arXiv 2502.02407, §5).
+
+    Args:
+        params: iterable of tensors or of dicts (parameter groups, torch
+            convention; every hyperparameter below may be overridden per group).
+        lr (float, >= 0): AdamW learning rate η. Default 1e-3.
+        betas (tuple[float, float], each in [0, 1)): AdamW β1, β2.
+        eps (float, >= 0): AdamW ε (also used by the preconditioner).
+        weight_decay (float, >= 0): decoupled weight decay λ (AdamW).
+        rho (float, >= 0): perturbation radius ρ (Euclidean, over all groups'
+            directions; per-group ρ scales that group's share). ``rho=0`` gives
+            AdamW.
+        precondition (bool): divide the ascent direction by sqrt(v̂) + ε
+            (Adam's second moment, bias corrected) before normalising; the
+            first step of a parameter uses the identity (SPEC §1 choice).
+        maximize (bool): maximise the objective (AdamW semantics).
+        backend (str): "auto", "reference", "foreach", "cpu", "cuda" or "triton".
+        same_dropout_masks (bool): in ``step(closure)``, restore the RNG state
+            before pass 2 so both passes draw the same dropout masks.
+
+    State per parameter (torch.optim.AdamW names): ``step`` (0-d float32 on
+    the parameter's device), ``exp_avg``, ``exp_avg_sq`` (float32; float64 for
+    float64 parameters). The perturbation backup is not part of the state.
+
+    Raises:
+        ValueError / TypeError naming the argument for invalid hyperparameters,
+        unknown backend names, duplicate or non-floating parameters;
+        RuntimeError for a backend that is not available on the parameters'
+        device.
+    """
+
+
+class FunctionalSAM(_SAMBase):
+    r"""Functional-SAM (Singh et al., ICML 2025, arXiv 2502.02407, §4) over AdamW.
+
+    The second gradient is ĝ = J(θ+e)ᵀ c0: the pass-2 output is
+    back-propagated with the pass-1 loss cotangent c0 = ∂ℓ/∂z(θ), never
+    the pass-2 loss (SPEC §2). ``precondition=True`` gives the paper's
+    preconditioned Functional-SAM. Arguments, state and errors as :class:`SAM`.
+
+    With ``step(closure)`` the cotangent capture and replay are automatic.
+    In a hand-written loop use :class:`fsam_kernels.CotangentRecorder`:
+    ``z = rec.capture(model(x)); loss_fn(z, y).backward()`` in pass 1, then
+    ``opt.first_step()``, ``rec.replay(model(x))`` in pass 2, then
+    ``opt.second_step()``.
+    """
+
+    _functional = True
+
+    def _pass1_backward(self, output, loss):
+        from .functional import CotangentRecorder
+
+        rec = CotangentRecorder()
+        try:
+            rec.capture(output)
+        except ValueError as exc:
+            raise ValueError(f"closure: {exc}") from None
+        loss.backward()
+        return rec
+
+    def _pass2_backward(self, output, loss, rec):
+        try:
+            differentiable_items(output, argname="closure output")
+        except ValueError as exc:
+            raise ValueError(f"closure: {exc}") from None
+        rec.replay(output)
