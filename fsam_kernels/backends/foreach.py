@@ -114,9 +114,10 @@ class ForeachBackend(Backend):
         m = torch._foreach_lerp(list(exp_avgs), gs, 1 - beta1)
         v = torch._foreach_mul(list(exp_avg_sqs), beta2)
         torch._foreach_addcmul_(v, gs, gs, value=1 - beta2)
-        ps = [p.to(d) for p, d in zip(params, dtypes)]  # copies: updated out of place
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        ps = _as(params, dtypes)
+        # out of place: the parameters themselves change only in the final select
+        ps = (torch._foreach_mul(ps, 1 - lr * weight_decay) if weight_decay != 0
+              else [p.clone() if p.dtype == d else p for p, d in zip(ps, dtypes)])
         t = [s.to(d) for s, d in zip(new_steps, dtypes)]
         bc1 = torch._foreach_pow(beta1, t)
         torch._foreach_neg_(bc1)

@@ -1,0 +1,302 @@
+"""Every fused backend against the reference backend (SPEC §5), optimizer level.
+
+Covers the cases of shared/cases/CASES.md that apply at the optimizer level:
+empty tensors, grads None in either pass, all-zero grads, mixed dtypes,
+non-contiguous grads, state_dict round trip with bitwise continuation,
+found_inf skip, grad_scale parity.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from fsam_kernels import SAM, FunctionalSAM, get_backend
+from helpers import fused_backends, within_ulps
+
+FUSED = fused_backends("cpu")
+VARIANTS = [(SAM, False), (SAM, True), (FunctionalSAM, True)]
+
+
+def _params(dtypes=(torch.float32,), seed=0, empty_at=None):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (13,), (3, 4, 2), (1,), (33,)]
+    ps = []
+    for i, s in enumerate(shapes):
+        dt = dtypes[i % len(dtypes)]
+        ps.append(torch.randn(s, generator=g).to(dt).requires_grad_())
+    if empty_at is not None:
+        ps.insert(empty_at, torch.empty(0).requires_grad_())
+    return ps
+
+
+def _grads(ps, seed, none=(), zero=(), scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, p in enumerate(ps):
+        if i in none:
+            out.append(None)
+        elif i in zero:
+            out.append(torch.zeros_like(p))
+        else:
+            out.append((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    return out
+
+
+def _run(backend, ps, steps, *, precondition, none1=(), none2=(), zero=(), lr=1e-2, wd=0.1,
+         rho=0.05, grad_dtype=None, noncontig=False):
+    opt = SAM(ps, lr=lr, weight_decay=wd, rho=rho, precondition=precondition, backend=backend)
+    for s in range(steps):
+        for phase, none in ((1, none1), (2, none2)):
+            gs = _grads(ps, 100 * s + phase, none=none, zero=zero)
+            for p, g in zip(ps, gs):
+                if g is not None and grad_dtype is not None:
+                    g = g.to(grad_dtype)
+                    p.grad_dtype = None   # torch >= 2.9 checks grad dtype otherwise
+                if g is not None and noncontig and g.dim() >= 2:
+                    g = g.transpose(0, 1).contiguous().transpose(0, 1)
+                p.grad = g
+            (opt.first_step if phase == 1 else opt.second_step)()
+    return opt
+
+
+def _compare(ps_a, ps_b, opt_a, opt_b, steps):
+    # SPEC §5: rtol 1e-6 / atol 1e-7 after one step; rtol 1e-5 after 10 steps
+    # (atol there scales with 10 updates of size ~lr = 1e-2: 1e-6)
+    rtol, atol = (1e-6, 1e-7) if steps == 1 else (1e-5, 1e-6)
+    for p, q in zip(ps_a, ps_b):
+        if p.dtype in (torch.bfloat16, torch.float16):
+            assert within_ulps(p.detach(), q.detach(), 1), (p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+        sa, sb = opt_a.state.get(p, {}), opt_b.state.get(q, {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("steps", [1, 10])
+@pytest.mark.parametrize("empty_at", [None, 0, 3, 5])
+def test_matches_reference(backend, precondition, steps, empty_at):
+    ps_a = _params(empty_at=empty_at)
+    ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
+    oa = _run("reference", ps_a, steps, precondition=precondition)
+    ob = _run(backend, ps_b, steps, precondition=precondition)
+    _compare(ps_a, ps_b, oa, ob, steps)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_grads_none_in_either_pass_and_zero_grads(backend):
+    for none1, none2, zero in [((1,), (), ()), ((), (2,), ()), ((0,), (0,), ()), ((), (), (3,)),
+                               ((), (), (0, 1, 2, 3, 4))]:
+        ps_a = _params()
+        ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
+        before = [p.detach().clone() for p in ps_a]
+        oa = _run("reference", ps_a, 3, precondition=True, none1=none1, none2=none2, zero=zero)
+        ob = _run(backend, ps_b, 3, precondition=True, none1=none1, none2=none2, zero=zero)
+        _compare(ps_a, ps_b, oa, ob, 3)
+        for i, (p, b) in enumerate(zip(ps_b, before)):
+            assert torch.isfinite(p).all()
+            if i in none2:   # never updated: restored bitwise, no decay (torch semantics)
+                assert torch.equal(p.detach(), b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtypes,grad_dtype", [((torch.bfloat16,), None), ((torch.float16,), None),
+                                               ((torch.float32, torch.bfloat16), None),
+                                               ((torch.float32,), torch.bfloat16)])
+def test_mixed_dtypes(backend, dtypes, grad_dtype):
+    ps_a = _params(dtypes)
+    ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
+    oa = _run("reference", ps_a, 1, precondition=True, grad_dtype=grad_dtype)
+    ob = _run(backend, ps_b, 1, precondition=True, grad_dtype=grad_dtype)
+    _compare(ps_a, ps_b, oa, ob, 1)
+    for p in ps_b:
+        assert ob.state[p]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_noncontiguous_grads_by_logical_index(backend):
+    ps_a = _params()
+    ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
+    oa = _run(backend, ps_a, 2, precondition=True)
+    ob = _run(backend, ps_b, 2, precondition=True, noncontig=True)
+    for p, q in zip(ps_a, ps_b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+@pytest.mark.parametrize("cls,precondition", VARIANTS)
+def test_state_dict_round_trip_bitwise(backend, cls, precondition):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def closure_for(m):
+        def closure():
+            z = m(x)
+            return z, torch.nn.functional.cross_entropy(z, y)
+        return closure
+
+    m1 = copy.deepcopy(model)
+    o1 = cls(m1.parameters(), lr=1e-2, rho=0.1, precondition=precondition, backend=backend)
+    sched1 = torch.optim.lr_scheduler.StepLR(o1, step_size=2, gamma=0.5)
+    for _ in range(6):
+        o1.step(closure_for(m1))
+        sched1.step()
+    m2 = copy.deepcopy(model)
+    o2 = cls(m2.parameters(), lr=1e-2, rho=0.1, precondition=precondition, backend=backend)
+    sched2 = torch.optim.lr_scheduler.StepLR(o2, step_size=2, gamma=0.5)
+    for _ in range(3):
+        o2.step(closure_for(m2))
+        sched2.step()
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sched": sched2.state_dict()}, buf)
+    sd = o2.state_dict()
+    # no parameter copies in the file: only step / exp_avg / exp_avg_sq
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in sd["state"].values())
+    buf.seek(0)
+    ck = torch.load(buf)
+    m3 = copy.deepcopy(model)
+    m3.load_state_dict(ck["model"])
+    o3 = cls(m3.parameters(), lr=1e-2, rho=0.1, precondition=precondition, backend=backend)
+    o3.load_state_dict(ck["opt"])
+    sched3 = torch.optim.lr_scheduler.StepLR(o3, step_size=2, gamma=0.5)
+    sched3.load_state_dict(ck["sched"])
+    for _ in range(3):
+        o3.step(closure_for(m3))
+        sched3.step()
+    for p, q in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p, q)
+    assert o3.param_groups[0]["lr"] == o1.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_found_inf_skip_and_grad_scale(backend):
+    ps = _params()
+    before = [p.detach().clone() for p in ps]
+    opt = SAM(ps, lr=1e-2, rho=0.05, precondition=True, backend=backend)
+    # one normal step to have state
+    for p, g in zip(ps, _grads(ps, 1)):
+        p.grad = g
+    opt.first_step()
+    opt.second_step()
+    snap = [p.detach().clone() for p in ps]
+    st = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ps}
+    for bad in (float("inf"), float("nan")):
+        gs = _grads(ps, 2)
+        gs[1][0] = bad
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.first_step()
+        assert all(torch.equal(p, s) for p, s in zip(ps, snap))   # nothing perturbed
+        for p, g in zip(ps, _grads(ps, 3)):
+            p.grad = g
+        opt.second_step()
+        assert bool(opt.last_step_skipped)
+        assert all(torch.equal(p, s) for p, s in zip(ps, snap))
+        for p in ps:
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, st[id(p)][k])
+    # grad_scale: grads pre-multiplied by 1024 equal the unscaled run
+    ps_b = [s.clone().requires_grad_() for s in before]
+    ps_c = [s.clone().requires_grad_() for s in before]
+    ob = SAM(ps_b, lr=1e-2, rho=0.05, backend=backend)
+    oc = SAM(ps_c, lr=1e-2, rho=0.05, backend=backend)
+    s = torch.tensor(1024.0)
+    for seed in (5, 6):
+        gs = _grads(ps_b, seed)
+        for p, q, g in zip(ps_b, ps_c, gs):
+            p.grad, q.grad = g.clone(), g * 1024
+        if seed == 5:
+            ob.first_step(); oc.first_step(grad_scale=s)
+        else:
+            ob.second_step(); oc.second_step(grad_scale=s)
+    for p, q in zip(ps_b, ps_c):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_cases_D_A2_and_D_D1_exact_values(backend):
+    # D-A2: [16 fp32 ones, empty]; grads ones; lr 1e-3; wd 0 then 0.01 (one AdamW step)
+    for order in ("first", "last"):
+        for wd, want in ((0.0, 0.9990000001), (0.01, 0.99899)):
+            p, e = torch.ones(16, requires_grad=True), torch.empty(0, requires_grad=True)
+            ps = [p, e] if order == "last" else [e, p]
+            opt = SAM(ps, lr=1e-3, weight_decay=wd, rho=0.05, backend=backend)
+            p.grad, e.grad = torch.ones(16), torch.empty(0)
+            opt.first_step()
+            p.grad, e.grad = torch.ones(16), torch.empty(0)
+            opt.second_step()
+            assert p.detach().double().sub(want).abs().max() < 1e-7
+    # D-D1: every grad 0; rho 0.05; p = 1; wd 0.01; lr 1e-3 -> p = 0.99999
+    p = torch.ones(10, requires_grad=True)
+    opt = SAM([p], lr=1e-3, weight_decay=0.01, rho=0.05, backend=backend)
+    p.grad = torch.zeros(10)
+    opt.first_step()
+    assert torch.equal(p.detach(), torch.ones(10))
+    p.grad = torch.zeros(10)
+    opt.second_step()
+    torch.testing.assert_close(p.detach(), torch.full((10,), 0.99999), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_fp16_norm_does_not_overflow(backend):
+    # D-D2: 1000 fp16 grads of 10.0 -> norm 316.22777, perturbation 0.05*10/316.22777
+    p = torch.zeros(1000, dtype=torch.float16, requires_grad=True)
+    be = get_backend(backend)
+    out = torch.zeros((), dtype=be.norm_dtype)
+    g = torch.full((1000,), 10.0, dtype=torch.float16)
+    be.sq_norm([g], None, None, beta2=0.999, eps=1e-8, precondition=False, grad_scale=None, out=out)
+    assert out.double().sqrt().item() == pytest.approx(316.22777, rel=1e-6)
+    opt = SAM([p], rho=0.05, backend=backend)
+    p.grad = g
+    opt.first_step()
+    assert within_ulps(p.detach(), torch.full((1000,), 0.00158114, dtype=torch.float16), 1)
+    opt.restore()
+    # D-D3: 65,536 fp16 ones -> 256; 1,000,000 bf16 ones -> 1000
+    for n, dt, want in ((65536, torch.float16, 256.0), (1_000_000, torch.bfloat16, 1000.0)):
+        out = torch.zeros((), dtype=be.norm_dtype)
+        be.sq_norm([torch.ones(n, dtype=dt)], None, None, beta2=0.999, eps=1e-8,
+                   precondition=False, grad_scale=None, out=out)
+        assert out.double().sqrt().item() == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_new_param_group_and_resume_step_counts(backend):
+    # D-G3 / D-A3: new params start at t = 1, old ones continue
+    a = torch.randn(5, requires_grad=True)
+    opt = SAM([{"params": [a], "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}],
+              lr=1e-3, backend=backend)
+    for _ in range(3):
+        a.grad = torch.randn(5); opt.first_step(); a.grad = torch.randn(5); opt.second_step()
+    sd = copy.deepcopy(opt.state_dict())
+    b = torch.randn(3, requires_grad=True)
+    opt2 = SAM([{"params": [a], "weight_decay": 0.01}, {"params": [b], "weight_decay": 0.0}],
+               lr=1e-3, backend=backend)
+    opt2.load_state_dict(sd)
+    c = torch.randn(2, requires_grad=True)
+    opt2.add_param_group({"params": [c]})
+    for p in (a, b, c):
+        p.grad = torch.randn(p.shape)
+    opt2.first_step()
+    for p in (a, b, c):
+        p.grad = torch.randn(p.shape)
+    opt2.second_step()
+    assert opt2.state[a]["step"].item() == 4
+    assert opt2.state[b]["step"].item() == 1
+    assert opt2.state[c]["step"].item() == 1
+
+
+def test_deterministic_two_runs():
+    for backend in FUSED + ["reference"]:
+        runs = []
+        for _ in range(2):
+            ps = _params(seed=3)
+            opt = _run(backend, ps, 3, precondition=True)
+            runs.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"].clone() for p in ps])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), backend
