@@ -380,3 +380,25 @@ def test_phase_order_errors():
     opt.first_step()
     with pytest.raises(RuntimeError, match="twice"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("cls", [SAM, FunctionalSAM])
+def test_second_gradient_tiny_transformer(cls):
+    from fsam_kernels.lm.model import GPT, config_for
+
+    torch.manual_seed(7)
+    model = GPT(config_for("tiny", vocab_size=50, block_size=16)).double()
+    x = torch.randint(0, 50, (2, 16))
+    y = torch.randint(0, 50, (2, 16))
+    opt = cls(model.parameters(), lr=1e-3, rho=0.5, precondition=False, backend="reference")
+    spy = _Spy()
+    opt._backends[torch.device("cpu")] = spy
+    params = list(model.parameters())
+    theta = [p.detach().clone() for p in params]
+    opt.step(lambda: (lambda z: (z, _ce(z, y)))(model(x)))
+    theta_e = [spy.perturbed[p] for p in params]
+    g_sam, g_fsam = _independent_grads(model, x, y, theta, theta_e)
+    want, other = (g_sam, g_fsam) if cls is SAM else (g_fsam, g_sam)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(spy.seen[p], w, rtol=1e-9, atol=1e-12)
+    assert any((w - o).abs().max() > 1e-8 for w, o in zip(want, other))
