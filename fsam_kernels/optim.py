@@ -20,9 +20,17 @@ The multi-tensor work is done by a backend (``backend=``): "reference"
 (per-tensor transcription of SPEC, slow, for checks), "foreach"
 (torch._foreach ops), "cpu"/"cuda" (native C++/CUDA kernels), "triton", or
 "auto" (the fastest available for the parameters' device).
+
+Real training loops (docs/loops.md): fp16 loss scaling through
+``step(closure, grad_scaler=scaler)``, update-gradient clipping
+(``max_grad_norm``), BatchNorm statistics from the clean pass only
+(``model=``, ``bn_clean_pass_only``), any base optimizer
+(``base_optimizer=torch.optim.SGD``) and DDP ascent gradients
+(``ascent_sync``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections import defaultdict
@@ -34,9 +42,17 @@ from torch import Tensor
 from .backends import BACKEND_NAMES, Backend, get_backend
 from .functional import differentiable_items, flatten_output
 
-__all__ = ["SAM", "FunctionalSAM"]
+__all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
 _NORM_EPS = 1e-12
+_CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
+_UNSET = object()         # "not given": lets base_optimizer users pass lr/eps/... to the base
+_ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False)
+_SCALER_STEP_MSG = (
+    "scaler.step(optimizer) cannot drive a two-pass SAM step (the loss must be scaled "
+    "in both passes and each pass unscaled once); call "
+    "optimizer.step(closure, grad_scaler=scaler) and then scaler.update(), or in a "
+    "hand-written loop first_step(grad_scaler=scaler) / second_step(grad_scaler=scaler)")
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -58,6 +74,12 @@ def _check_float(name: str, value, *, low: float = 0.0, high: Optional[float] = 
             raise ValueError(f"{name}: expected a finite value >= {low}, got {value!r}")
         br = ")" if high_open else "]"
         raise ValueError(f"{name}: expected a value in [{low}, {high}{br}, got {value!r}")
+
+
+def _validate_sam_keys(group: Dict[str, Any], where: str) -> None:
+    _check_float(f"{where}rho", group["rho"])
+    if not isinstance(group["precondition"], bool):
+        raise TypeError(f"{where}precondition: expected a bool, got {group['precondition']!r}")
 
 
 def _validate_group(group: Dict[str, Any], where: str) -> None:
@@ -93,34 +115,122 @@ class _RNGState:
             torch.cuda.set_rng_state(s, idx)
 
 
+class _BNSnapshot:
+    """Running statistics of every training BatchNorm in a module, restorable exactly."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._saved = []
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training \
+                    and m.track_running_stats:
+                bufs = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                        if b is not None]
+                self._saved.append((bufs, [b.clone() for b in bufs]))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for bufs, copies in self._saved:
+            for b, c in zip(bufs, copies):
+                b.copy_(c)
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(model: Optional[torch.nn.Module]):
+    """Context manager for hand-written loops: BatchNorm running_mean,
+    running_var and num_batches_tracked of ``model`` (momentum=None included)
+    are bitwise the same after the block as before it. Wrap pass 2 in it so
+    only the clean pass updates the statistics. ``None`` does nothing."""
+    snap = _BNSnapshot(model) if model is not None else None
+    try:
+        yield
+    finally:
+        if snap is not None:
+            snap.restore()
+
+
+def _scaler_scale(grad_scaler) -> Optional[Tensor]:
+    """The scale tensor of an enabled GradScaler (after ``scaler.scale(loss)``)."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return None
+    scale = getattr(grad_scaler, "_scale", None)
+    if scale is None:
+        raise RuntimeError("grad_scaler: the scaler has no scale yet; back-propagate "
+                           "scaler.scale(loss) before first_step/second_step")
+    return scale
+
+
 class _SAMBase(torch.optim.Optimizer):
     _functional = False
+    # GradScaler must not unscale our grads itself: step() refuses scaler.step(opt)
+    # with a message pointing to step(closure, grad_scaler=scaler).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        lr: float = _UNSET,
+        betas: Tuple[float, float] = _UNSET,
+        eps: float = _UNSET,
+        weight_decay: float = _UNSET,
         rho: float = 0.05,
         precondition: bool = False,
         *,
-        maximize: bool = False,
+        maximize: bool = _UNSET,
         backend: str = "auto",
         same_dropout_masks: bool = True,
+        base_optimizer: Optional[type] = None,
+        max_grad_norm: Optional[float] = None,
+        model: Optional[torch.nn.Module] = None,
+        bn_clean_pass_only: bool = True,
+        ascent_sync: str = "global",
+        **base_kwargs: Any,
     ) -> None:
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        eps=eps, weight_decay=weight_decay, rho=rho,
-                        precondition=precondition, maximize=maximize)
-        _validate_group(defaults, "")
-        if not isinstance(same_dropout_masks, bool):
-            raise TypeError(f"same_dropout_masks: expected a bool, got {same_dropout_masks!r}")
+        given = {k: v for k, v in dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                        maximize=maximize).items() if v is not _UNSET}
+        if isinstance(given.get("betas"), list):
+            given["betas"] = tuple(given["betas"])
+        for name, v in (("same_dropout_masks", same_dropout_masks),
+                        ("bn_clean_pass_only", bn_clean_pass_only)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected a bool, got {v!r}")
+        if max_grad_norm is not None:
+            _check_float("max_grad_norm", max_grad_norm)
+            max_grad_norm = float(max_grad_norm)
+        if ascent_sync not in ("global", "local"):
+            raise ValueError(f"ascent_sync: expected 'global' or 'local', got {ascent_sync!r}")
+        if ascent_sync == "local" and not hasattr(model, "no_sync"):
+            raise ValueError("ascent_sync='local' needs model= the DistributedDataParallel "
+                             "module (pass 1 runs under model.no_sync())")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if base_optimizer is None:
+            if base_kwargs:
+                raise TypeError(f"{type(self).__name__}: unexpected keyword argument(s) "
+                                f"{sorted(base_kwargs)} (extra keywords go to base_optimizer, "
+                                "and none was given)")
+            defaults = dict(_ADAMW_DEFAULTS, **given, rho=rho, precondition=precondition)
+            _validate_group(defaults, "")
+        else:
+            if not (isinstance(base_optimizer, type)
+                    and issubclass(base_optimizer, torch.optim.Optimizer)):
+                raise TypeError("base_optimizer: expected a torch.optim.Optimizer subclass "
+                                f"(e.g. torch.optim.SGD), got {base_optimizer!r}")
+            if isinstance(base_optimizer, type) and issubclass(base_optimizer, _SAMBase):
+                raise TypeError("base_optimizer: cannot be SAM/FunctionalSAM itself")
+            defaults = dict(rho=rho, precondition=precondition)
+            _validate_sam_keys(defaults, "")
         self.backend_name = backend
         self.same_dropout_masks = same_dropout_masks
+        self.max_grad_norm = max_grad_norm
+        self.model = model
+        self.bn_clean_pass_only = bn_clean_pass_only
+        self.ascent_sync = ascent_sync
         self.norm_eps = _NORM_EPS
+        self._base_mode = base_optimizer is not None
+        #: the base optimizer instance (``base_optimizer=``), or None for the fused AdamW
+        self.base_optimizer: Optional[torch.optim.Optimizer] = None
         self._backends: Dict[torch.device, Backend] = {}
         self._backups: Dict[Tensor, Tensor] = {}
         self._perturbed: Optional[List[List[Tensor]]] = None
@@ -129,6 +239,24 @@ class _SAMBase(torch.optim.Optimizer):
         #: A 0-d bool tensor on the device (reading it syncs), or None before any step.
         self.last_step_skipped: Optional[Tensor] = None
         super().__init__(params, defaults)
+        if base_optimizer is not None:
+            base = base_optimizer(self.param_groups, **given, **base_kwargs)
+            # one list of group dicts, holding the SAM keys (rho, precondition) and
+            # the base's; lr schedulers on either object drive the base
+            self.base_optimizer = base
+            self.param_groups = base.param_groups
+            self.state = base.state
+            self.defaults = dict(base.defaults, **defaults)
+            for gi, g in enumerate(self.param_groups):
+                self._check_precondition_base(g, f"param_groups[{gi}].")
+
+    def _check_precondition_base(self, group, where: str) -> None:
+        if group["precondition"] and not isinstance(
+                self.base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(
+                f"{where}precondition: the preconditioned ascent divides by Adam's second "
+                f"moment (exp_avg_sq), which {type(self.base_optimizer).__name__} does not "
+                "keep; use precondition=False or an Adam/AdamW base")
 
     # -- groups ---------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -164,10 +292,19 @@ class _SAMBase(torch.optim.Optimizer):
                                 "expected a floating-point tensor")
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        if isinstance(param_group["betas"], list):
-            param_group["betas"] = tuple(param_group["betas"])
-        _validate_group(param_group, f"param_groups[{idx}].")
-        super().add_param_group(param_group)
+        where = f"param_groups[{idx}]."
+        if self._base_mode:
+            _validate_sam_keys(param_group, where)
+            if self.base_optimizer is not None:  # after __init__: the base owns the list
+                self._check_precondition_base(param_group, where)
+                self.base_optimizer.add_param_group(param_group)
+            else:
+                super().add_param_group(param_group)
+        else:
+            if isinstance(param_group["betas"], list):
+                param_group["betas"] = tuple(param_group["betas"])
+            _validate_group(param_group, where)
+            super().add_param_group(param_group)
         for p in param_group["params"]:
             self._backend(p.device)
 
@@ -224,21 +361,46 @@ class _SAMBase(torch.optim.Optimizer):
             out[it[0].device].append(it)
         return out
 
+    def _precond_state(self, p: Tensor) -> Dict[str, Tensor]:
+        """exp_avg_sq and step for the preconditioned ascent (the base's in base mode)."""
+        if not self._base_mode:
+            return self._init_state(p)
+        st = self.state.get(p, {})
+        if "exp_avg_sq" in st:
+            step = st["step"]
+            if not isinstance(step, Tensor):
+                step = torch.tensor(float(step))
+            return {"exp_avg_sq": st["exp_avg_sq"],
+                    "step": step.to(device=p.device, dtype=torch.float32).reshape(())}
+        # the base has not stepped yet: identity preconditioner (t = 0)
+        return {"exp_avg_sq": torch.zeros_like(p, dtype=_state_dtype(p)),
+                "step": torch.zeros((), dtype=torch.float32, device=p.device)}
+
+    def _resolve_scale(self, grad_scale, grad_scaler, where: str) -> Optional[Tensor]:
+        if grad_scaler is None:
+            return grad_scale
+        if grad_scale is not None:
+            raise ValueError(f"{where}: pass grad_scale or grad_scaler, not both")
+        return _scaler_scale(grad_scaler)
+
     # -- the two phases -------------------------------------------------------
     @torch.no_grad()
     def first_step(self, grad_scale: Optional[Tensor] = None,
-                   found_inf: Optional[Tensor] = None) -> None:
+                   found_inf: Optional[Tensor] = None, *, grad_scaler=None) -> None:
         """Ascent (SPEC §1): perturb θ → θ + e using the current ``.grad``.
 
         Call after the pass-1 backward(s). ``grad_scale``: optional 0-d
         float32 tensor dividing every grad (loss scaling). ``found_inf``:
         optional 0-d float32 tensor; non-zero (or a non-finite norm) skips
-        the perturbation. Raises ``RuntimeError`` if called twice without
-        ``second_step()``.
+        the perturbation and the coming update. ``grad_scaler``: a
+        ``torch.amp.GradScaler`` whose scale is used as ``grad_scale`` (the
+        grads came from ``scaler.scale(loss).backward()``). Raises
+        ``RuntimeError`` if called twice without ``second_step()``.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step: called twice without second_step(); "
                                "the parameters are already perturbed")
+        grad_scale = self._resolve_scale(grad_scale, grad_scaler, "first_step")
         groups_items = []
         devices = set()
         for gi, group in enumerate(self.param_groups):
@@ -247,50 +409,63 @@ class _SAMBase(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 self._check_grad(p, gi, i, "pass-1")
-                state = self._init_state(p) if group["precondition"] else self.state.get(p)
+                state = self._precond_state(p) if group["precondition"] else None
                 items.append((p, p.grad, state))
                 devices.add(p.device)
             groups_items.append(items)
-        self._found_inf_user = found_inf
-        for d in devices:
+        for d in self._devices() | devices:
             f = self._flag(d)
             if found_inf is not None:
-                f.copy_(found_inf.to(d))
+                f.copy_(found_inf.to(d, torch.float32).reshape(()))
             else:
                 f.zero_()
         norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d) for d in devices}
         for group, items in zip(self.param_groups, groups_items):
-            beta2 = group["betas"][1]
+            beta2 = group["betas"][1] if group["precondition"] else 0.0
+            eps = group["eps"] if group["precondition"] else 0.0
             for d, its in self._by_device(items).items():
                 pre = group["precondition"]
                 self._backend(d).sq_norm(
                     [g for _, g, _ in its],
                     [s["exp_avg_sq"] for _, _, s in its] if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
-                    beta2=beta2, eps=group["eps"], precondition=pre,
+                    beta2=beta2, eps=eps, precondition=pre,
                     grad_scale=self._scale_on(grad_scale, d), out=norm_sq[d])
-        if len(norm_sq) > 1:  # parameters on several devices: one global norm
-            total = sum(n.to(torch.float64).cpu() for n in norm_sq.values())
-            for d in norm_sq:
-                norm_sq[d].copy_(total.to(d))
+        self._global_sum(norm_sq)
         self._reduce_norm_sq(norm_sq)
         perturbed = []
         for group, items in zip(self.param_groups, groups_items):
             plist = []
+            pre = group["precondition"]
             for d, its in self._by_device(items).items():
-                pre = group["precondition"]
                 ps = [p for p, _, _ in its]
                 self._backend(d).perturb(
                     ps, [g for _, g, _ in its], [self._backup_for(p) for p in ps],
                     [s["exp_avg_sq"] for _, _, s in its] if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
-                    beta2=group["betas"][1], eps=group["eps"], precondition=pre,
+                    beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
+                    precondition=pre,
                     grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
                 plist.extend(ps)
             perturbed.append(plist)
         self._perturbed = perturbed
         self._last_norm_sq = norm_sq
+
+    @staticmethod
+    def _global_sum(per_device: Dict[torch.device, Tensor]) -> None:
+        """Parameters on several devices: every entry becomes the sum (in place)."""
+        if len(per_device) > 1:
+            total = sum(n.to(torch.float64).cpu() for n in per_device.values())
+            for d in per_device:
+                per_device[d].copy_(total.to(d))
+
+    def _share_flags(self) -> None:
+        """A skip on one device skips the step on every device (atomic)."""
+        if len(self._found_inf) > 1:
+            anyf = torch.stack([f.cpu() for f in self._found_inf.values()]).amax()
+            for d, f in self._found_inf.items():
+                f.copy_(anyf.to(d))
 
     def _reduce_norm_sq(self, norm_sq: Dict[torch.device, Tensor]) -> None:
         """Hook for sharded parameters (sum N² over the shard group)."""
@@ -303,26 +478,88 @@ class _SAMBase(torch.optim.Optimizer):
             raise TypeError("grad_scale: expected a 1-element float32 tensor")
         return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
 
+    def _pass2_params(self) -> List[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _mark_non_finite(self, params: List[Tensor], inv_scale: Optional[Dict] = None) -> None:
+        """found_inf |= any grad not finite; multiplies the grads by ``inv_scale[d]``
+        (1 when None: a check without changing a value), with no host sync."""
+        by = defaultdict(list)
+        for p in params:
+            by[(p.grad.device, p.grad.dtype)].append(p.grad)
+        for (d, _), gs in by.items():
+            inv = (inv_scale or {}).get(d)
+            if inv is None:
+                inv = torch.ones((), dtype=torch.float32, device=d)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, self._flag(d), inv)
+
+    def _grad_sq_norm(self, params: List[Tensor], grad_scale: Optional[Tensor]):
+        """Σ (g/s)² of the update gradient over all groups and devices (and shards)."""
+        n2 = {}
+        for d, ps in self._by_device([(p,) for p in params]).items():
+            n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+            self._backend(d).sq_norm([p.grad for (p,) in ps], None, None, beta2=0.0, eps=0.0,
+                                     precondition=False,
+                                     grad_scale=self._scale_on(grad_scale, d), out=n2[d])
+        self._global_sum(n2)
+        self._reduce_norm_sq(n2)
+        return n2
+
+    def _clip_coef(self, n2: Tensor) -> Tensor:
+        """min(1, max_grad_norm / (‖ĝ‖ + 1e-6)) on the device; marks a non-finite norm."""
+        d = n2.device
+        f = self._flag(d)
+        f.copy_(torch.maximum(f, (~torch.isfinite(n2)).to(f.dtype)))
+        n = n2.to(torch.float32).sqrt()
+        return (self.max_grad_norm / (n + _CLIP_EPS)).clamp(max=1.0)
+
     @torch.no_grad()
     def second_step(self, grad_scale: Optional[Tensor] = None,
-                    found_inf: Optional[Tensor] = None) -> None:
-        """Descent (SPEC §3): restore θ bitwise, then AdamW with the pass-2 ``.grad``.
+                    found_inf: Optional[Tensor] = None, *, grad_scaler=None) -> None:
+        """Descent (SPEC §3): restore θ bitwise, then AdamW (or the base optimizer's
+        step) with the pass-2 ``.grad``.
 
         Call after the pass-2 backward(s). Parameters perturbed in
         ``first_step`` without a pass-2 grad are restored and not updated;
         parameters with a pass-2 grad that were not perturbed get a normal
-        AdamW update. ``found_inf`` (optional 0-d float32 tensor) non-zero
-        skips the update (θ restored, state unchanged).
+        update. ``found_inf`` (optional 0-d float32 tensor) non-zero skips the
+        update (θ restored, state unchanged). ``grad_scaler``: as in
+        ``first_step``; the pass-2 grads are also checked for inf/NaN and the
+        outcome is recorded in the scaler, so ``scaler.update()`` backs off
+        after a skipped step. With ``max_grad_norm`` the update gradient is
+        clipped by its global norm (non-finite norm: step skipped).
         Raises ``RuntimeError`` if ``first_step()`` was not called.
         """
         if self._perturbed is None:
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
+        grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
-        devices = {p.device for g in self.param_groups for p in g["params"]}
-        for d in devices:
+        for d in self._devices():
             f = self._flag(d)
             if found_inf is not None:
                 f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
+        params2 = self._pass2_params()
+        if self._base_mode:
+            self._second_step_base(perturbed, params2, grad_scale)
+        else:
+            if grad_scale is not None and self.max_grad_norm is None:
+                self._mark_non_finite(params2)          # pass-2 inf/NaN check (the clip
+            self._share_flags()                         # norm below checks it otherwise)
+            scales = {d: self._scale_on(grad_scale, d) for d in self._devices()}
+            if self.max_grad_norm is not None:
+                for d, n2 in self._grad_sq_norm(params2, grad_scale).items():
+                    coef = self._clip_coef(n2)           # g/s' = (g/s)·coef
+                    scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
+                self._share_flags()
+            self._second_step_adamw(perturbed, scales)
+        self._perturbed = None
+        flags = [f != 0 for f in self._found_inf.values()]
+        self.last_step_skipped = flags[0] if len(flags) == 1 else (
+            torch.stack([f.cpu() for f in flags]).any() if flags else None)
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._record_in_scaler(grad_scaler)
+
+    def _second_step_adamw(self, perturbed, scales) -> None:
         for gi, group in enumerate(self.param_groups):
             pset = {id(p) for p in perturbed[gi]} if gi < len(perturbed) else set()
             with_grad, without = [], []
@@ -348,11 +585,43 @@ class _SAMBase(torch.optim.Optimizer):
                         [s["step"] for s in states],
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
-        self._perturbed = None
-        flags = [f != 0 for f in self._found_inf.values()]
-        self.last_step_skipped = flags[0] if len(flags) == 1 else (
-            torch.stack([f.cpu() for f in flags]).any() if flags else None)
+                        grad_scale=scales[d], found_inf=self._flag(d))
+
+    def _second_step_base(self, perturbed, params2, grad_scale) -> None:
+        """Restore θ, unscale (and clip) ĝ in place, then the base optimizer's own
+        step, skipped when a flag is set: the one host read of this path."""
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._check_grad(p, gi, i, "pass-2")
+        for plist in perturbed:
+            for d, ps in self._by_device([(p,) for p in plist]).items():
+                ps = [p for (p,) in ps]
+                self._backend(d).restore(ps, [self._backups[p] for p in ps])
+        inv = None
+        if grad_scale is not None:
+            inv = {d: self._scale_on(grad_scale, d).reciprocal() for d in self._devices()}
+        self._mark_non_finite(params2, inv)   # unscale once + pass-2 inf/NaN check
+        if self.max_grad_norm is not None:
+            for d, n2 in self._grad_sq_norm(params2, None).items():
+                coef = self._clip_coef(n2)
+                torch._foreach_mul_([p.grad for p in params2 if p.grad.device == d], coef)
+        self._share_flags()
+        if not any(bool(f.item()) for f in self._found_inf.values()):
+            self.base_optimizer.step()
+
+    def _record_in_scaler(self, scaler) -> None:
+        """Record this step's inf/NaN outcome in the scaler, as torch's fused
+        optimizers do, so that ``scaler.update()`` backs off after a skip."""
+        from torch.amp.grad_scaler import OptState
+
+        st = scaler._per_optimizer_states[id(self)]
+        if st["stage"] is OptState.STEPPED:
+            raise RuntimeError("grad_scaler: step already recorded since the last "
+                               "scaler.update(); call scaler.update() once per step")
+        dev = scaler._scale.device
+        st["found_inf_per_device"] = {dev: self.last_step_skipped.to(dev, torch.float32)}
+        st["stage"] = OptState.STEPPED
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -387,7 +656,8 @@ class _SAMBase(torch.optim.Optimizer):
         flatten_output(output, argname="closure output")
         return output, loss
 
-    def step(self, closure: Optional[Callable[[], Tuple[Any, Tensor]]] = None) -> Tensor:
+    def step(self, closure: Optional[Callable[[], Tuple[Any, Tensor]]] = None, *,
+             grad_scaler=None) -> Tensor:
         """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
 
         ``closure``: a callable running the forward pass only and returning
@@ -397,12 +667,29 @@ class _SAMBase(torch.optim.Optimizer):
         backward passes itself (SAM: ``loss.backward()`` in both passes;
         Functional-SAM: pass 2 runs ``output.backward(c0)`` with the pass-1
         cotangent c0, SPEC §2). With ``same_dropout_masks`` (default) the RNG
-        state is restored before pass 2 so dropout draws the same masks.
+        state is restored before pass 2 so dropout draws the same masks; with
+        ``model=`` and ``bn_clean_pass_only`` (default) BatchNorm statistics
+        are restored after pass 2; with ``ascent_sync="local"`` pass 1 runs
+        under ``model.no_sync()``.
+
+        ``grad_scaler``: an fp16 ``torch.amp.GradScaler``: both losses are
+        scaled (Functional-SAM's c0 comes from the scaled loss), each pass's
+        grads are unscaled once inside the kernels, both passes are checked
+        for inf/NaN, a bad step is skipped atomically (θ bitwise unchanged,
+        state unchanged, ``last_step_skipped`` true) and recorded in the
+        scaler; call ``scaler.update()`` after the step.
+        ``scaler.step(opt, closure)`` is the same call (GradScaler passes
+        itself as ``grad_scaler``); ``scaler.step(opt)`` without a closure
+        raises ``RuntimeError`` pointing here.
 
         Raises ``TypeError`` if ``closure`` is missing or returns the wrong
         thing, ``ValueError`` if the loss or output does not depend on the
         parameters. If pass 2 raises, θ is restored before re-raising.
         """
+        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(_SCALER_STEP_MSG)  # GradScaler.step's attribute contract
+        if closure is None and grad_scaler is not None:
+            raise RuntimeError(_SCALER_STEP_MSG)  # scaler.step(opt) without a closure
         if closure is None:
             raise TypeError(
                 f"closure: {type(self).__name__}.step needs a closure returning (output, loss); "
@@ -410,23 +697,29 @@ class _SAMBase(torch.optim.Optimizer):
                 "after pass 2")
         if self._perturbed is not None:
             raise RuntimeError("step: a first_step() is pending; call second_step() or restore()")
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        scaled = (lambda l: scaler.scale(l)) if scaler is not None else (lambda l: l)
         rng = _RNGState(self._devices()) if self.same_dropout_masks else None
-        with torch.enable_grad():
+        sync = (self.model.no_sync() if self.ascent_sync == "local"
+                else contextlib.nullcontext())
+        with torch.enable_grad(), sync:
             output, loss = self._unpack(closure(), "pass 1")
             self.zero_grad(set_to_none=True)
-            cot = self._pass1_backward(output, loss)
-        self.first_step()
+            cot = self._pass1_backward(output, scaled(loss))
+        self.first_step(grad_scaler=scaler)
+        bn = (bn_stats_frozen(self.model) if self.bn_clean_pass_only
+              else contextlib.nullcontext())
         try:
             if rng is not None:
                 rng.restore()
-            with torch.enable_grad():
+            with torch.enable_grad(), bn:
                 output2, loss2 = self._unpack(closure(), "pass 2")
                 self.zero_grad(set_to_none=True)
-                self._pass2_backward(output2, loss2, cot)
+                self._pass2_backward(output2, scaled(loss2), cot)
         except BaseException:
             self.restore()
             raise
-        self.second_step()
+        self.second_step(grad_scaler=scaler)
         return loss.detach()
 
     def _pass1_backward(self, output, loss):
@@ -437,6 +730,13 @@ class _SAMBase(torch.optim.Optimizer):
         loss.backward()
 
     # -- state_dict -----------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """torch format. With ``base_optimizer`` it is the base's state_dict (its
+        state, and groups that also hold rho and precondition)."""
+        if self._base_mode:
+            return self.base_optimizer.state_dict()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load optimizer state (torch format: ``state`` and ``param_groups``).
 
@@ -450,6 +750,17 @@ class _SAMBase(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        if self._base_mode:
+            self.base_optimizer.load_state_dict(state_dict)
+            self.param_groups = self.base_optimizer.param_groups
+            self.state = self.base_optimizer.state
+            for gi, g in enumerate(self.param_groups):
+                g.setdefault("rho", self.defaults["rho"])
+                g.setdefault("precondition", self.defaults["precondition"])
+                _validate_sam_keys(g, f"state_dict param_groups[{gi}].")
+                self._check_precondition_base(g, f"state_dict param_groups[{gi}].")
+            self._perturbed = None
+            return
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: has {len(saved_groups)} parameter groups, "
@@ -516,6 +827,22 @@ class SAM(_SAMBase):
         backend (str): "auto", "reference", "foreach", "cpu", "cuda" or "triton".
         same_dropout_masks (bool): in ``step(closure)``, restore the RNG state
             before pass 2 so both passes draw the same dropout masks.
+        base_optimizer (type or None): a ``torch.optim.Optimizer`` class (e.g.
+            ``torch.optim.SGD``) whose own ``step()`` replaces the fused AdamW
+            after the fused ascent and restore; every keyword SAM does not use
+            (and lr, betas, eps, weight_decay, maximize when given) goes to it.
+            ``param_groups``, ``state`` and ``state_dict()`` are the base's.
+            ``precondition=True`` needs an Adam/AdamW base (``ValueError``).
+        max_grad_norm (float or None): clip the update gradient (pass 2) by its
+            global norm, ``min(1, c / (norm + 1e-6))``, without a host sync.
+        model (nn.Module or None): the trained module (or its DDP wrapper), for
+            ``bn_clean_pass_only`` and ``ascent_sync="local"``.
+        bn_clean_pass_only (bool): in ``step(closure)`` with ``model``, BatchNorm
+            running statistics are restored after pass 2 (clean pass only).
+        ascent_sync (str): DDP; "global" (averaged ascent gradient) or "local"
+            (pass 1 under ``model.no_sync()``: per-rank ascent gradients).
+
+    See docs/loops.md for GradScaler, clipping, BatchNorm, DDP and base optimizers.
 
     State per parameter (torch.optim.AdamW names): ``step`` (0-d float32 on
     the parameter's device), ``exp_avg``, ``exp_avg_sq`` (float32; float64 for
