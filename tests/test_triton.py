@@ -1,0 +1,765 @@
+"""Triton backend against the reference (SPEC §5), over CASES.md section A.
+
+On a machine without CUDA, conftest.py sets TRITON_INTERPRET=1 before triton
+is imported and the kernels run on CPU tensors through the interpreter (slow:
+a few ms per program, so the tensors here are small and the blocks large).
+Where CUDA is present the same tests run on cuda. The GPU-large cases (D-B1,
+D-B2) need a GPU with about 50 GiB free and are marked ``gpu_large``.
+"""
+import inspect
+import math
+
+import pytest
+import torch
+
+from fsam_kernels.backends import get_backend
+from fsam_kernels.backends.reference import ReferenceBackend
+
+tb = pytest.importorskip("fsam_kernels.backends.triton")
+TritonBackend = tb.TritonBackend
+
+DEVICES = []
+if TritonBackend.availability(torch.device("cpu"))[0]:
+    DEVICES.append("cpu")
+if torch.cuda.is_available() and TritonBackend.availability(torch.device("cuda"))[0]:
+    DEVICES.append(pytest.param("cuda", marks=pytest.mark.cuda))
+if not DEVICES:  # pragma: no cover
+    pytest.skip("triton backend unavailable (no CUDA and no TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+REF = ReferenceBackend()
+HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+RHO = 0.05
+NORM_EPS = 1e-12
+
+
+@pytest.fixture
+def tri():
+    return TritonBackend()
+
+
+# --------------------------------------------------------------------- helpers
+def _state_dtype(p):
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class State:
+    """params, backups and AdamW state of one parameter list."""
+
+    def __init__(self, params, seed=0, t0=0.0, random_state=False):
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.p = params
+        self.b = [torch.empty_like(p) for p in params]
+        self.m, self.v = [], []
+        for p in params:
+            m = torch.zeros_like(p, dtype=_state_dtype(p))
+            v = torch.zeros_like(p, dtype=_state_dtype(p))
+            if random_state:
+                m.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                v.copy_(0.01 * torch.rand(p.shape, generator=gen) ** 2)
+            self.m.append(m)
+            self.v.append(v)
+        self.steps = [torch.tensor(float(t0), device=p.device) for p in params]
+
+    def snapshot(self):
+        return {k: [t.clone() for t in getattr(self, k)] for k in ("p", "m", "v", "steps")}
+
+
+def sam_step(be, st, g1, g2, *, precondition, grad_scale=None, found_inf=None,
+             maximize=False, hp=HP, rho=RHO):
+    """One SAM-AdamW step through the four ops; returns (N², perturbed params, found_inf)."""
+    dev = st.p[0].device if st.p else torch.device("cpu")
+    norm = torch.zeros((), dtype=be.norm_dtype, device=dev)
+    fi = found_inf if found_inf is not None else torch.zeros((), device=dev)
+    be.sq_norm(g1, st.v, st.steps, beta2=hp["beta2"], eps=hp["eps"],
+               precondition=precondition, grad_scale=grad_scale, out=norm)
+    be.perturb(st.p, g1, st.b, st.v, st.steps, rho=rho, norm_sq=norm, norm_eps=NORM_EPS,
+               beta2=hp["beta2"], eps=hp["eps"], precondition=precondition,
+               grad_scale=grad_scale, found_inf=fi)
+    perturbed = [p.clone() for p in st.p]
+    be.restore_adamw(st.p, g2, st.b, st.m, st.v, st.steps, maximize=maximize,
+                     grad_scale=grad_scale, found_inf=fi, **hp)
+    return norm, perturbed, fi
+
+
+def _ulp(x: torch.Tensor, dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at |x| (float64)."""
+    y = x.to(dtype).abs()
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    return (up.double() - y.double())
+
+
+def assert_param_close(a, b, rtol=1e-6, what=""):
+    """SPEC §5: fp32 rtol 1e-6/atol 1e-7; bf16/fp16 within one ulp; fp64 tight."""
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    if a.numel() == 0:
+        return
+    if a.dtype in (torch.bfloat16, torch.float16):
+        diff = (a.double() - b.double()).abs()
+        tol = torch.maximum(_ulp(a, a.dtype), _ulp(b, a.dtype))
+        bad = diff > tol
+        assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond 1 ulp, " \
+                              f"max diff {diff.max().item()}"
+    elif a.dtype == torch.float64:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=what or None)
+    else:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, msg=what or None)
+
+
+def assert_state_close(st_t, st_r, rtol=1e-6):
+    for name in ("p", "m", "v"):
+        for i, (x, y) in enumerate(zip(getattr(st_t, name), getattr(st_r, name))):
+            assert_param_close(x, y, rtol=rtol, what=f"{name}[{i}]")
+    for i, (x, y) in enumerate(zip(st_t.steps, st_r.steps)):
+        assert torch.equal(x, y), f"steps[{i}]: {x} vs {y}"
+
+
+def run_parity(tri, build, device, precondition, *, random_state=True, t0=3.0,
+               grad_scale=None, steps=1, rtol=1e-6):
+    """Build the case twice (same seed), step both backends, compare per SPEC §5."""
+    cases = []
+    for be in (tri, REF):
+        params, g1, g2 = build(device)
+        st = State(params, t0=t0, random_state=random_state)
+        cases.append((be, st, g1, g2))
+    (_, st_t, g1_t, g2_t), (_, st_r, g1_r, g2_r) = cases
+    for k in range(steps):
+        initial = [p.clone() for p in st_t.p]
+        n_t, pert_t, fi_t = sam_step(tri, st_t, g1_t, g2_t, precondition=precondition,
+                                     grad_scale=grad_scale)
+        n_r, pert_r, fi_r = sam_step(REF, st_r, g1_r, g2_r, precondition=precondition,
+                                     grad_scale=grad_scale)
+        assert n_t.dtype == torch.float32
+        torch.testing.assert_close(n_t.double(), n_r, rtol=1e-6, atol=1e-30)
+        assert fi_t.item() == fi_r.item() == 0
+        for i, (b, p0) in enumerate(zip(st_t.b, initial)):
+            assert torch.equal(b, p0), f"backup[{i}] is not bitwise the parameter"
+        for i, (x, y) in enumerate(zip(pert_t, pert_r)):
+            assert_param_close(x, y, rtol=rtol, what=f"perturbed p[{i}]")
+        assert_state_close(st_t, st_r, rtol=rtol if k == 0 else 1e-5)
+    return st_t, st_r
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape, device, dtype=torch.float32, gen=None):
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def simple_builder(shapes, pdtypes=None, gdtypes=None):
+    pdtypes = pdtypes or [torch.float32] * len(shapes)
+    gdtypes = gdtypes or [torch.float32] * len(shapes)
+
+    def build(device):
+        gen = _gen(0)
+        params = [randn(s, device, pd, gen) for s, pd in zip(shapes, pdtypes)]
+        g1 = [randn(s, device, gd, gen) for s, gd in zip(shapes, gdtypes)]
+        g2 = [randn(s, device, gd, gen) for s, gd in zip(shapes, gdtypes)]
+        return params, g1, g2
+    return build
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches of the triton backend (by kernel name)."""
+    calls = []
+    real = tb._launch
+
+    def counting(kernel, grid, *args, **meta):
+        calls.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+        return real(kernel, grid, *args, **meta)
+    monkeypatch.setattr(tb, "_launch", counting)
+    return calls
+
+
+# ------------------------------------------------------------------ the basics
+def test_availability_and_registry():
+    ok, why = TritonBackend.availability(torch.device("meta"))
+    assert not ok and "meta" in why
+    be = get_backend("triton", DEVICES[0] if isinstance(DEVICES[0], str) else "cuda")
+    assert isinstance(be, TritonBackend)
+    assert be.fused and be.norm_dtype == torch.float32 and be.name == "triton"
+
+
+def test_hyperparameters_are_not_constexpr():
+    """lr, betas, eps, weight decay, rho: runtime args (no recompile per value)."""
+    k = tb._kernels()
+    hyper = ("lr", "beta", "eps", "decay", "w1", "omb2", "rho", "gsign")
+    for name in ("coef_kernel", "sq_norm_partial_kernel", "perturb_kernel",
+                 "restore_adamw_kernel"):
+        fn = getattr(k, name).fn
+        for pname, param in inspect.signature(fn).parameters.items():
+            if any(h in pname for h in hyper):
+                assert "constexpr" not in str(param.annotation), (name, pname)
+
+
+SHAPES = [(4097,), (3, 5), (1,), (8193 + 7,), (64, 3, 3, 3)]  # not multiples of a block
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_parity_basic(tri, device, precondition):
+    run_parity(tri, simple_builder(SHAPES), device, precondition)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_three_steps_from_fresh_state(tri, device):
+    """Fresh state (t = 0: the first preconditioned step is plain), 3 steps."""
+    run_parity(tri, simple_builder([(300,), (5, 7)]), device, True,
+               random_state=False, t0=0.0, steps=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pos", [0, 1, 2, 3])
+def test_empty_tensor_at_every_position(tri, device, pos):
+    shapes = [(5,), (300,), (7, 2)]
+    shapes.insert(pos, (0,))
+    run_parity(tri, simple_builder(shapes), device, precondition=pos % 2 == 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_empty(tri, device):
+    st_t, st_r = run_parity(tri, simple_builder([(0,), (0, 3)]), device, True)
+    assert [s.item() for s in st_t.steps] == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_mixed_dtypes(tri, device, precondition):
+    """bf16 grad with fp32 param, bf16/fp16 params, fp16 grads: several combinations."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    shapes = [(700,), (33,), (5000,), (17, 3), (9,), (129,)]
+    pd = [f32, f32, bf16, bf16, f16, f32]
+    gd = [bf16, f32, bf16, f32, f16, f16]
+    run_parity(tri, simple_builder(shapes, pd, gd), device, precondition)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_float64_params(tri, device, precondition):
+    shapes = [(300,), (4, 5)]
+    run_parity(tri, simple_builder(shapes, [torch.float64] * 2, [torch.float64] * 2),
+               device, precondition)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_views_at_odd_offsets(tri, device, precondition):
+    def build(dev):
+        gen = _gen(3)
+        pbuf = randn((3000,), dev, gen=gen)
+        gbuf1 = randn((3000,), dev, gen=gen)
+        gbuf2 = randn((3000,), dev, gen=gen)
+        hbuf = randn((2000,), dev, torch.bfloat16, gen=gen)
+        params = [pbuf[1:1002], pbuf[1003:1003 + 35].view(5, 7), pbuf[2001:2998],
+                  hbuf[3:400]]
+        g1 = [gbuf1[7:1008], gbuf1[1101:1136].view(5, 7), gbuf1[5:1002],
+              randn((397,), dev, gen=gen)]
+        g2 = [gbuf2[3:1004], gbuf2[11:46].view(5, 7), gbuf2[1:998],
+              randn((397,), dev, torch.bfloat16, gen=gen)]
+        return params, g1, g2
+    st_t, _ = run_parity(tri, build, device, precondition)
+    assert st_t.p[0].storage_offset() == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_strided_layouts(tri, device, precondition):
+    """D-E1, D-E2: size-1 dim strides, channels_last both ways, transposed params."""
+    def build(dev):
+        gen = _gen(5)
+        cl = torch.channels_last
+        p0 = randn((2, 1, 100), dev, gen=gen)  # strides (100, 100, 1)
+        g0 = torch.empty_strided((2, 1, 100), (100, 1, 1), device=dev)
+        g0.copy_(randn((2, 1, 100), dev, gen=gen))
+        p1 = randn((64, 3, 3, 3), dev, gen=gen).contiguous(memory_format=cl)
+        g1 = randn((64, 3, 3, 3), dev, gen=gen)
+        p2 = randn((64, 3, 3, 3), dev, gen=gen)
+        g2 = randn((64, 3, 3, 3), dev, gen=gen).contiguous(memory_format=cl)
+        p3 = randn((128, 64), dev, gen=gen).t()  # transposed view, (64, 128)
+        g3 = randn((64, 128), dev, gen=gen)
+        p4 = randn((40, 30), dev, torch.bfloat16, gen=gen).t()
+        g4 = randn((30, 40), dev, torch.bfloat16, gen=gen).t().contiguous().t()
+        h = [randn(p.shape, dev, gen=gen) for p in (p0, p1, p2, p3, p4)]
+        h[1] = h[1].contiguous(memory_format=cl)
+        return [p0, p1, p2, p3, p4], [g0, g1, g2, g3, g4], h
+    st_t, _ = run_parity(tri, build, device, precondition)
+    assert st_t.p[1].is_contiguous(memory_format=torch.channels_last)
+    assert not st_t.p[3].is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_equals_contiguous_copies(tri, device):
+    """By logical index, a channels_last/transposed run equals the contiguous run."""
+    def build(dev, strided):
+        gen = _gen(9)
+        p = [randn((16, 3, 3, 3), dev, gen=gen), randn((48, 20), dev, gen=gen)]
+        g1 = [randn(x.shape, dev, gen=gen) for x in p]
+        g2 = [randn(x.shape, dev, gen=gen) for x in p]
+        if strided:
+            p = [p[0].contiguous(memory_format=torch.channels_last),
+                 p[1].t().contiguous().t()]
+        return p, g1, g2
+    res = []
+    for strided in (False, True):
+        params, g1, g2 = build(device, strided)
+        st = State(params, random_state=False)
+        sam_step(tri, st, g1, g2, precondition=False)
+        res.append(st.p)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_dense_params_are_refused(tri, device):
+    base = torch.randn(10, 10, device=device)
+    for bad in (base[:, ::2], torch.randn(1, 5, device=device).expand(3, 5)):
+        params = [torch.randn(4, device=device), bad]
+        st = State(params)
+        st.b = [torch.empty_like(p) for p in params]
+        grads = [torch.randn_like(p) for p in params]
+        fi = torch.zeros((), device=device)
+        with pytest.raises(ValueError, match=r"params\[1\].*not dense"):
+            tri.perturb(params, grads, st.b, None, None, rho=RHO, norm_sq=fi.clone(),
+                        norm_eps=NORM_EPS, beta2=0.999, eps=1e-8, precondition=False,
+                        grad_scale=None, found_inf=fi)
+        with pytest.raises(ValueError, match=r"params\[1\]"):
+            tri.restore(params, st.b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_state_layout_and_dtype_are_refused(tri, device):
+    p = [torch.randn(8, 6, device=device)]
+    st = State(p)
+    g = [torch.randn(8, 6, device=device)]
+    fi = torch.zeros((), device=device)
+    st.m = [torch.zeros(6, 8, device=device).t()]
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
+        tri.restore_adamw(p, g, st.b, st.m, st.v, st.steps, maximize=False,
+                          grad_scale=None, found_inf=fi, **HP)
+    st = State(p)
+    st.v = [torch.zeros(8, 6, device=device, dtype=torch.float64)]
+    with pytest.raises(TypeError, match=r"exp_avg_sqs\[0\]"):
+        tri.restore_adamw(p, g, st.b, st.m, st.v, st.steps, maximize=False,
+                          grad_scale=None, found_inf=fi, **HP)
+
+
+# --------------------------------------------------- D-A: empty tensors, scale
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_a1_thousand_empty_tensors(tri, device, launches):
+    def build(dev):
+        gen = _gen(11)
+        params = [torch.empty(0, device=dev) for _ in range(1000)]
+        params.append(randn((8,), dev, gen=gen))
+        g1 = [torch.empty(0, device=dev) for _ in range(1000)] + [randn((8,), dev, gen=gen)]
+        g2 = [torch.empty(0, device=dev) for _ in range(1000)] + [randn((8,), dev, gen=gen)]
+        return params, g1, g2
+    st_t, _ = run_parity(tri, build, device, precondition=False, random_state=False,
+                         t0=0.0)
+    n_big = len(launches)
+    # the norm equals the norm of the 8-element grad alone
+    _, g1, _ = build(device)
+    out = torch.zeros((), device=device)
+    tri.sq_norm(g1, None, None, beta2=0.999, eps=1e-8, precondition=False,
+                grad_scale=None, out=out)
+    expect = g1[-1].double().square().sum()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=0)
+    assert all(s.item() == 1.0 for s in st_t.steps)  # empty params count steps too
+    # launches independent of the number of tensors: the same one-tensor step
+    launches.clear()
+    st1 = State([randn((8,), device)])
+    sam_step(tri, st1, [randn((8,), device)], [randn((8,), device)], precondition=False)
+    assert len(launches) == n_big == 5, launches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty_first", [False, True])
+@pytest.mark.parametrize("wd,expected", [(0.0, 0.9990000001), (0.01, 0.99899000)])
+def test_d_a2_exact_values(tri, device, empty_first, wd, expected):
+    for be in (tri, REF):
+        params = [torch.ones(16, device=device), torch.empty(0, device=device)]
+        if empty_first:
+            params.reverse()
+        st = State(params)
+        grads = [torch.ones_like(p) for p in params]
+        sam_step(be, st, grads, grads, precondition=False,
+                 hp=dict(HP, weight_decay=wd))
+        p = st.p[1 if empty_first else 0]
+        torch.testing.assert_close(p, torch.full_like(p, expected), rtol=0, atol=6e-8)
+        if be is tri:
+            p_tri = p
+        else:
+            assert torch.equal(p_tri, p)
+
+
+# ------------------------------------------------- D-C: non-finite, grad_scale
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf/nan
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+@pytest.mark.parametrize("preset", [True, False], ids=["found_inf=1", "found_inf=0"])
+def test_d_c1_skip_is_bitwise(tri, device, bad, precondition, preset):
+    params = [randn((300,), device), randn((7, 3), device, torch.bfloat16)]
+    st = State(params, t0=2.0, random_state=True)
+    before = st.snapshot()
+    g1 = [randn((300,), device), randn((7, 3), device)]
+    g1[0][17] = bad
+    g2 = [randn((300,), device), randn((7, 3), device)]
+    g2[0][5] = bad
+    fi = torch.full((), 1.0 if preset else 0.0, device=device)
+    norm, perturbed, fi = sam_step(tri, st, g1, g2, precondition=precondition,
+                                   found_inf=fi)
+    assert fi.item() == 1.0  # set by perturb when N² is not finite
+    assert not math.isfinite(norm.item())
+    after = st.snapshot()
+    for name in ("p", "m", "v", "steps"):
+        for x, y in zip(before[name], after[name]):
+            assert torch.equal(x, y), name
+    for x, y in zip(before["p"], perturbed):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_d_c2_grad_scale_parity(tri, device, precondition):
+    shapes = [(500,), (6, 7)]
+    scale = torch.tensor(1024.0, device=device)
+    plain = simple_builder(shapes, gdtypes=[torch.float32, torch.bfloat16])
+
+    def scaled(dev):
+        params, g1, g2 = plain(dev)
+        return params, [g * 1024 for g in g1], [g * 1024 for g in g2]
+    # scaled triton vs unscaled reference, within SPEC tolerances
+    params, g1, g2 = scaled(device)
+    st_t = State(params, t0=3.0, random_state=True)
+    n_t, pert_t, _ = sam_step(tri, st_t, g1, g2, precondition=precondition,
+                              grad_scale=scale)
+    params, g1, g2 = plain(device)
+    st_r = State(params, t0=3.0, random_state=True)
+    n_r, pert_r, _ = sam_step(REF, st_r, g1, g2, precondition=precondition)
+    torch.testing.assert_close(n_t.double(), n_r, rtol=1e-6, atol=0)
+    for x, y in zip(pert_t, pert_r):
+        assert_param_close(x, y)
+    assert_state_close(st_t, st_r)
+    # and bitwise equal to the unscaled triton run (division by 1024 is exact)
+    params, g1, g2 = plain(device)
+    st_u = State(params, t0=3.0, random_state=True)
+    n_u, _, _ = sam_step(tri, st_u, g1, g2, precondition=precondition)
+    assert torch.equal(n_u, n_t)
+    for name in ("p", "m", "v", "steps"):
+        for x, y in zip(getattr(st_u, name), getattr(st_t, name)):
+            assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_maximize_equals_negated_grad(tri, device):
+    res = []
+    for maximize in (True, False):
+        params = [randn((200,), device, gen=_gen(1))]
+        st = State(params, t0=1.0, random_state=True)
+        g = randn((200,), device, gen=_gen(2))
+        g2 = g if maximize else -g
+        sam_step(tri, st, [g], [g2], precondition=False, maximize=maximize)
+        res.append(st)
+    for name in ("p", "m", "v"):
+        assert torch.equal(getattr(res[0], name)[0], getattr(res[1], name)[0])
+
+
+# ----------------------------------------------- D-D: zero grads, low precision
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_d_d1_zero_grads(tri, device, precondition):
+    out = {}
+    for be in (tri, REF):
+        params = [torch.ones(50, device=device), torch.ones(3, 4, device=device)]
+        st = State(params)
+        grads = [torch.zeros_like(p) for p in params]
+        norm, pert, fi = sam_step(be, st, grads, grads, precondition=precondition)
+        assert norm.item() == 0.0 and fi.item() == 0.0
+        for x in pert:
+            assert torch.equal(x, torch.ones_like(x))  # perturbation 0, no NaN
+        out[be.name] = st.p
+    for x, y in zip(out["triton"], out["reference"]):
+        assert torch.equal(x, y)
+        assert torch.equal(x, torch.full_like(x, 0.99999))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_d1_zero_grad_beside_normal_grad(tri, device):
+    run_parity(tri, lambda dev: (
+        [randn((40,), dev, gen=_gen(3)), randn((30,), dev, gen=_gen(6))],
+        [torch.zeros(40, device=dev), randn((30,), dev, gen=_gen(4))],
+        [torch.zeros(40, device=dev), randn((30,), dev, gen=_gen(5))]),
+        device, precondition=True)
+    g = randn((30,), device, gen=_gen(4))
+    out = torch.zeros((), device=device)
+    tri.sq_norm([torch.zeros(40, device=device), g], None, None, beta2=0.999, eps=1e-8,
+                precondition=False, grad_scale=None, out=out)
+    torch.testing.assert_close(out.double(), g.double().square().sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_d2_fp16_norm(tri, device):
+    g = torch.full((1000,), 10.0, dtype=torch.float16, device=device)
+    out = torch.zeros((), device=device)
+    tri.sq_norm([g], None, None, beta2=0.999, eps=1e-8, precondition=False,
+                grad_scale=None, out=out)
+    assert math.isfinite(out.item())
+    assert out.sqrt().item() == pytest.approx(316.22777, rel=1e-6)
+    for pdt in (torch.float32, torch.float16):
+        p = torch.zeros(1000, dtype=pdt, device=device)
+        b = torch.empty_like(p)
+        fi = torch.zeros((), device=device)
+        tri.perturb([p], [g], [b], None, None, rho=RHO, norm_sq=out, norm_eps=NORM_EPS,
+                    beta2=0.999, eps=1e-8, precondition=False, grad_scale=None,
+                    found_inf=fi)
+        tol = 1e-5 if pdt == torch.float32 else 1e-3
+        assert torch.allclose(p.double(), torch.full_like(p.double(), 0.00158114),
+                              rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_d3_low_precision_norms(tri, device):
+    for n, dt, expect in ((1_000_000, torch.bfloat16, 1000.0),
+                          (65_536, torch.float16, 256.0)):
+        out = torch.zeros((), device=device)
+        tri.sq_norm([torch.ones(n, dtype=dt, device=device)], None, None, beta2=0.999,
+                    eps=1e-8, precondition=False, grad_scale=None, out=out)
+        assert out.sqrt().item() == pytest.approx(expect, rel=1e-3)
+
+
+# ------------------------------------------------------------ D-J1, caching
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_j1_determinism(tri, device):
+    gen = _gen(21)
+    shapes = [tuple(int(x) for x in torch.randint(1, 12, (int(torch.randint(1, 4, (1,),
+              generator=gen)),), generator=gen)) for _ in range(200)]
+
+    def run():
+        be = TritonBackend()
+        params, g1, g2 = simple_builder(shapes)(device)
+        st = State(params)
+        norms = []
+        for _ in range(3):
+            n, _, _ = sam_step(be, st, g1, g2, precondition=True)
+            norms.append(n)
+        return norms, st
+    (na, sa), (nb, sb) = run(), run()
+    for x, y in zip(na, nb):
+        assert torch.equal(x, y)
+    for name in ("p", "m", "v", "steps"):
+        for x, y in zip(getattr(sa, name), getattr(sb, name)):
+            assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tables_refresh_when_grads_are_reallocated(tri, device):
+    shapes = [(100,), (3, 9)]
+    params, g1, g2 = simple_builder(shapes)(device)
+    st_t = State(params)
+    params_r, _, _ = simple_builder(shapes)(device)
+    st_r = State(params_r)
+    sam_step(tri, st_t, g1, g2, precondition=True)
+    sam_step(REF, st_r, g1, g2, precondition=True)
+    n_cached = len(tri._cache)
+    sam_step(tri, st_t, g1, g2, precondition=True)  # same storages: no rebuild
+    sam_step(REF, st_r, g1, g2, precondition=True)
+    assert len(tri._cache) == n_cached
+    # grads set to None and reallocated: new storages, new values
+    del g1, g2
+    gen = _gen(77)
+    g1 = [randn(s, device, gen=gen) for s in shapes]
+    g2 = [randn(s, device, gen=gen) for s in shapes]
+    sam_step(tri, st_t, g1, g2, precondition=True)
+    sam_step(REF, st_r, g1, g2, precondition=True)
+    assert_state_close(st_t, st_r, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_launch_count_independent_of_tensor_count(tri, device, launches, precondition):
+    counts = []
+    for n in (3, 40):
+        params = [randn((5,), device) for _ in range(n)]
+        st = State(params)
+        grads = [randn((5,), device) for _ in range(n)]
+        launches.clear()
+        sam_step(tri, st, grads, grads, precondition=precondition)
+        tri.restore(st.p, st.b)
+        counts.append(list(launches))
+    assert counts[0] == counts[1]
+    # sq_norm: [coef] partial finish; perturb: [coef] perturb; adamw: coef adamw; restore
+    assert len(counts[0]) == (8 if precondition else 6), counts[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_restore_bitwise_and_restore_adamw_without_backups(tri, device):
+    p = [randn((300,), device), randn((5, 5), device, torch.bfloat16),
+         torch.empty(0, device=device)]
+    b = [torch.randn_like(x) for x in p]
+    tri.restore(p, b)
+    for x, y in zip(p, b):
+        assert torch.equal(x, y)
+    res = []
+    g = [torch.randn_like(x, dtype=torch.float32) for x in p]
+    for be in (tri, REF):
+        params = [x.clone() for x in p]
+        st = State(params, t0=5.0, random_state=True)
+        be.restore_adamw(st.p, g, None, st.m, st.v, st.steps, maximize=False,
+                         grad_scale=None, found_inf=torch.zeros((), device=device), **HP)
+        res.append(st)
+    assert_state_close(res[0], res[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    tri = TritonBackend()
+    params = [torch.randn(1000, device="cuda"), torch.randn(7, device="cuda")]
+    st = State(params)
+    grads = [torch.randn_like(x) for x in params]
+    scale = torch.tensor(1.0, device="cuda")
+    sam_step(tri, st, grads, grads, precondition=True, grad_scale=scale)  # builds tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sam_step(tri, st, grads, grads, precondition=True, grad_scale=scale)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------- compiled mode, without a GPU
+_AOT = r"""
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fsam_kernels.backends import _triton_kernels as k
+try:
+    target = GPUTarget("cuda", 90, 32)
+except Exception as exc:
+    raise SystemExit("SKIP " + repr(exc))
+
+def types(fn):
+    t = {}
+    for a in fn.arg_names:
+        if a.endswith(("_hi", "_lo")) or a in ("rho", "norm_eps", "gsign"):
+            t[a] = "fp32"
+        elif a in ("tile_tensor_ptr", "tile_chunk_ptr"):
+            t[a] = "*i32"
+        elif a == "numel_ptr" or a.endswith("_tab"):
+            t[a] = "*i64"
+        elif a in ("coef_ptr", "partial_ptr"):
+            t[a] = "*fp64"
+        elif a.endswith("_ptr"):
+            t[a] = "*fp32"
+        else:
+            t[a] = "i32"
+    return t
+
+def build(fn, **consts):
+    sig = {a: ("constexpr" if a in consts else types(fn)[a]) for a in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                       options={"enable_fp_fusion": False})
+    except Exception as exc:
+        if type(exc).__name__ in ("CompilationError", "CompileTimeAssertionFailure"):
+            raise
+        if "ptxas" in repr(exc) or "No such file" in repr(exc):
+            raise SystemExit("SKIP " + repr(exc))
+        raise
+
+f32, bf16, f64 = tl.float32, tl.bfloat16, tl.float64
+build(k.coef_kernel, ADAMW=True, BLOCK=1024)
+build(k.coef_kernel, ADAMW=False, BLOCK=1024)
+build(k.sq_norm_finish_kernel, BLOCK=1024)
+build(k.flag_nonfinite_kernel)
+build(k.sq_norm_partial_kernel, G_DT=bf16, V_DT=f32, CT=f32, F64=False, PRECOND=True,
+      HAS_SCALE=True, CHUNK=8192, BLOCK=1024)
+build(k.perturb_kernel, P_DT=bf16, G_DT=f32, V_DT=f32, CT=f32, F64=False, PRECOND=True,
+      HAS_SCALE=True, CHUNK=8192, BLOCK=1024)
+build(k.perturb_kernel, P_DT=f64, G_DT=f32, V_DT=f64, CT=f64, F64=True, PRECOND=True,
+      HAS_SCALE=False, CHUNK=8192, BLOCK=1024)
+build(k.restore_adamw_kernel, P_DT=f32, G_DT=bf16, CT=f32, F64=False, HAS_BACKUP=True,
+      HAS_SCALE=True, CHUNK=8192, BLOCK=1024)
+build(k.restore_adamw_kernel, P_DT=f64, G_DT=f64, CT=f64, F64=True, HAS_BACKUP=False,
+      HAS_SCALE=False, CHUNK=8192, BLOCK=1024)
+build(k.restore_kernel, P_DT=bf16, CHUNK=8192, BLOCK=1024)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests compile the kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs kernels as Python: also compile them (PTX + ptxas) for
+    sm_90, in a process without TRITON_INTERPRET, so compiled-mode errors show
+    on a machine without a GPU."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# -------------------------------------------------------- D-B: GPU-large cases
+def _free_gib():
+    if not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.mem_get_info()[0] / 2 ** 30
+
+
+@pytest.mark.gpu_large
+@pytest.mark.skipif(_free_gib() < 50, reason="needs a GPU with >= 50 GiB free")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_d_b1_two_to_the_31_plus_one(dtype):
+    tri = TritonBackend()
+    n = 2 ** 31 + 1
+    p = torch.zeros(n, dtype=dtype, device="cuda")
+    g = torch.ones(n, dtype=dtype, device="cuda")
+    st = State([p])
+    out = torch.zeros((), device="cuda")
+    tri.sq_norm([g], None, None, beta2=0.999, eps=1e-8, precondition=False,
+                grad_scale=None, out=out)
+    assert out.sqrt().item() == pytest.approx(46340.950, rel=1e-6)
+    fi = torch.zeros((), device="cuda")
+    tri.perturb(st.p, [g], st.b, None, None, rho=RHO, norm_sq=out, norm_eps=NORM_EPS,
+                beta2=0.999, eps=1e-8, precondition=False, grad_scale=None, found_inf=fi)
+    tri.restore_adamw(st.p, [g], st.b, st.m, st.v, st.steps, maximize=False,
+                      grad_scale=None, found_inf=fi, **dict(HP, weight_decay=0.0))
+    idx = torch.tensor([0, 2 ** 31 - 1, 2 ** 31], device="cuda")
+    sample = torch.cat([p[idx], p[::(2 ** 20 + 7)]]).double()
+    tol = 1e-9 if dtype == torch.float32 else 8e-6
+    assert torch.allclose(sample, torch.full_like(sample, -0.001), rtol=0, atol=tol)
+    assert (p == p[0]).all()
+
+
+@pytest.mark.gpu_large
+@pytest.mark.skipif(_free_gib() < 50, reason="needs a GPU with >= 50 GiB free")
+def test_d_b2_elementwise_and_adamw_kernels_past_2_to_the_31():
+    tri = TritonBackend()
+    n = 2 ** 31 + 2 ** 20
+    p = torch.zeros(n, device="cuda")
+    g = torch.ones(n, device="cuda")
+    g[-5:] = 2.0
+    st = State([p])
+    out = torch.tensor(4.0, device="cuda")  # N² given: scale = rho / 2
+    fi = torch.zeros((), device="cuda")
+    tri.perturb(st.p, [g], st.b, None, None, rho=RHO, norm_sq=out, norm_eps=0.0,
+                beta2=0.999, eps=1e-8, precondition=False, grad_scale=None, found_inf=fi)
+    assert p[-1].item() == pytest.approx(0.05, rel=1e-6)
+    assert p[-6].item() == pytest.approx(0.025, rel=1e-6)
+    assert p[2 ** 31].item() == pytest.approx(0.025, rel=1e-6)
+    tri.restore_adamw(st.p, [g], st.b, st.m, st.v, st.steps, maximize=False,
+                      grad_scale=None, found_inf=fi, **dict(HP, weight_decay=0.0))
+    tail = p[-(2 ** 20):].double()
+    assert torch.allclose(tail, torch.full_like(tail, -0.001), rtol=0, atol=1e-9)
+    assert st.m[0][-1].item() == pytest.approx(0.2, rel=1e-6)
+    assert st.v[0][-1].item() == pytest.approx(0.004, rel=1e-5)
