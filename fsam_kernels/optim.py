@@ -25,8 +25,10 @@ Real training loops (docs/loops.md): fp16 loss scaling through
 ``step(closure, grad_scaler=scaler)``, update-gradient clipping
 (``max_grad_norm``), BatchNorm statistics from the clean pass only
 (``model=``, ``bn_clean_pass_only``), any base optimizer
-(``base_optimizer=torch.optim.SGD``) and DDP ascent gradients
-(``ascent_sync``).
+(``base_optimizer=torch.optim.SGD``), DDP ascent gradients
+(``ascent_sync``) and FSDP2 (``fully_shard``: DTensor parameters; the
+kernels run on local shards and N² is summed over the shard group,
+fsam_kernels/distributed.py).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ import torch
 from torch import Tensor
 
 from .backends import BACKEND_NAMES, Backend, get_backend
+from .distributed import all_reduce_over_shards, is_dtensor, shard_key
+from .distributed import local as _local
 from .functional import differentiable_items, flatten_output
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
@@ -233,11 +237,10 @@ class _SAMBase(torch.optim.Optimizer):
         self.base_optimizer: Optional[torch.optim.Optimizer] = None
         self._backends: Dict[torch.device, Backend] = {}
         self._backups: Dict[Tensor, Tensor] = {}
-        self._perturbed: Optional[List[List[Tensor]]] = None
+        self._step_vars: Dict[str, Any] = {}
+        self._perturbed = None
         self._found_inf: Dict[torch.device, Tensor] = {}
-        #: True when the last step was skipped (non-finite values; SPEC §4).
-        #: A 0-d bool tensor on the device (reading it syncs), or None before any step.
-        self.last_step_skipped: Optional[Tensor] = None
+        self.last_step_skipped = None
         super().__init__(params, defaults)
         if base_optimizer is not None:
             base = base_optimizer(self.param_groups, **given, **base_kwargs)
@@ -249,6 +252,35 @@ class _SAMBase(torch.optim.Optimizer):
             self.defaults = dict(base.defaults, **defaults)
             for gi, g in enumerate(self.param_groups):
                 self._check_precondition_base(g, f"param_groups[{gi}].")
+
+    # Values a step writes are kept in one dict behind properties: inside
+    # torch.compile'd first_step/second_step, dynamo drops attribute stores on
+    # an Optimizer object but keeps dict stores (checked with torch 2.13).
+    @property
+    def _perturbed(self) -> Optional[List[List[Tensor]]]:
+        return self._step_vars.get("perturbed")
+
+    @_perturbed.setter
+    def _perturbed(self, value) -> None:
+        self._step_vars["perturbed"] = value
+
+    @property
+    def last_step_skipped(self) -> Optional[Tensor]:
+        """True when the last step was skipped (non-finite values; SPEC §4).
+        A 0-d bool tensor on the device (reading it syncs), or None before any step."""
+        return self._step_vars.get("last_step_skipped")
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value) -> None:
+        self._step_vars["last_step_skipped"] = value
+
+    @property
+    def _last_norm_sq(self):
+        return self._step_vars.get("last_norm_sq")
+
+    @_last_norm_sq.setter
+    def _last_norm_sq(self, value) -> None:
+        self._step_vars["last_norm_sq"] = value
 
     def _check_precondition_base(self, group, where: str) -> None:
         if group["precondition"] and not isinstance(
@@ -326,14 +358,23 @@ class _SAMBase(torch.optim.Optimizer):
         if len(state) == 0:
             sd = _state_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+            if is_dtensor(p):
+                # DTensor state with the parameter's mesh and placements (as torch's
+                # optimizers keep it, so distributed checkpointing sees it sharded);
+                # the kernels get its local shard
+                state["exp_avg"] = torch.zeros_like(p, dtype=sd)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd)
+            else:
+                state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         return state
 
     def _backup_for(self, p: Tensor) -> Tensor:
+        """The backup of ``p``'s local tensor (a plain tensor, also for DTensors)."""
+        lp = _local(p)
         b = self._backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.stride() != p.stride():
-            b = torch.empty_like(p, memory_format=torch.preserve_format)
+        if b is None or b.shape != lp.shape or b.dtype != lp.dtype or b.stride() != lp.stride():
+            b = torch.empty_like(lp, memory_format=torch.preserve_format)
             self._backups[p] = b
         return b
 
@@ -364,16 +405,17 @@ class _SAMBase(torch.optim.Optimizer):
     def _precond_state(self, p: Tensor) -> Dict[str, Tensor]:
         """exp_avg_sq and step for the preconditioned ascent (the base's in base mode)."""
         if not self._base_mode:
-            return self._init_state(p)
+            st = self._init_state(p)
+            return {"exp_avg_sq": _local(st["exp_avg_sq"]), "step": st["step"]}
         st = self.state.get(p, {})
         if "exp_avg_sq" in st:
-            step = st["step"]
+            step = _local(st["step"])
             if not isinstance(step, Tensor):
                 step = torch.tensor(float(step))
-            return {"exp_avg_sq": st["exp_avg_sq"],
+            return {"exp_avg_sq": _local(st["exp_avg_sq"]),
                     "step": step.to(device=p.device, dtype=torch.float32).reshape(())}
         # the base has not stepped yet: identity preconditioner (t = 0)
-        return {"exp_avg_sq": torch.zeros_like(p, dtype=_state_dtype(p)),
+        return {"exp_avg_sq": torch.zeros_like(_local(p), dtype=_state_dtype(p)),
                 "step": torch.zeros((), dtype=torch.float32, device=p.device)}
 
     def _resolve_scale(self, grad_scale, grad_scaler, where: str) -> Optional[Tensor]:
@@ -410,7 +452,7 @@ class _SAMBase(torch.optim.Optimizer):
                     continue
                 self._check_grad(p, gi, i, "pass-1")
                 state = self._precond_state(p) if group["precondition"] else None
-                items.append((p, p.grad, state))
+                items.append((p, _local(p.grad), state))
                 devices.add(p.device)
             groups_items.append(items)
         for d in self._devices() | devices:
@@ -420,19 +462,21 @@ class _SAMBase(torch.optim.Optimizer):
             else:
                 f.zero_()
         norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d) for d in devices}
+        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}   # shard key -> partial N²
         for group, items in zip(self.param_groups, groups_items):
             beta2 = group["betas"][1] if group["precondition"] else 0.0
             eps = group["eps"] if group["precondition"] else 0.0
-            for d, its in self._by_device(items).items():
+            for (d, key), its in self._by_device_shard(items).items():
                 pre = group["precondition"]
+                out = norm_sq[d] if key is None else self._partial(sharded, key, d)
                 self._backend(d).sq_norm(
                     [g for _, g, _ in its],
                     [s["exp_avg_sq"] for _, _, s in its] if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
                     beta2=beta2, eps=eps, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), out=norm_sq[d])
+                    grad_scale=self._scale_on(grad_scale, d), out=out)
+        self._reduce_norm_sq(norm_sq, sharded)
         self._global_sum(norm_sq)
-        self._reduce_norm_sq(norm_sq)
         perturbed = []
         for group, items in zip(self.param_groups, groups_items):
             plist = []
@@ -440,7 +484,8 @@ class _SAMBase(torch.optim.Optimizer):
             for d, its in self._by_device(items).items():
                 ps = [p for p, _, _ in its]
                 self._backend(d).perturb(
-                    ps, [g for _, g, _ in its], [self._backup_for(p) for p in ps],
+                    [_local(p) for p in ps], [g for _, g, _ in its],
+                    [self._backup_for(p) for p in ps],
                     [s["exp_avg_sq"] for _, _, s in its] if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
@@ -467,8 +512,50 @@ class _SAMBase(torch.optim.Optimizer):
             for d, f in self._found_inf.items():
                 f.copy_(anyf.to(d))
 
-    def _reduce_norm_sq(self, norm_sq: Dict[torch.device, Tensor]) -> None:
-        """Hook for sharded parameters (sum N² over the shard group)."""
+    def _by_device_shard(self, items):
+        """Group by (device, shard key): sharded parameters get their own N² partials."""
+        out = defaultdict(list)
+        for it in items:
+            out[(it[0].device, shard_key(it[0]))].append(it)
+        return out
+
+    def _partial(self, sharded, key, d: torch.device) -> Tensor:
+        per = sharded.setdefault(key, {})
+        if d not in per:
+            per[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+        return per[d]
+
+    def _reduce_norm_sq(self, norm_sq: Dict[torch.device, Tensor],
+                        sharded: Optional[Dict[Any, Dict[torch.device, Tensor]]] = None) -> None:
+        """Sharded parameters (DTensor, FSDP2): each rank's partial N² over its local
+        shards is all-reduced (SUM) over the shard group and added to ``norm_sq``.
+        One all_reduce per shard key (per mesh dim): one per step for FSDP2; none
+        without sharded parameters. Same order on every rank (group order)."""
+        for key, per in (sharded or {}).items():
+            devs = list(per)
+            t = per[devs[0]]
+            for d in devs[1:]:                   # a mesh has one device per rank
+                t.add_(per[d].to(t.device, t.dtype))
+            all_reduce_over_shards(t, key)
+            d0 = devs[0]
+            if d0 in norm_sq:
+                norm_sq[d0].add_(t.to(norm_sq[d0].dtype))
+            else:
+                norm_sq[d0] = t
+
+    def _share_flags_over_shards(self, params) -> None:
+        """With sharded parameters, a non-finite local grad must skip the step on
+        every rank: found_inf is all-reduced (MAX) over the shard group."""
+        self._share_flags()
+        seen = []
+        for p in params:
+            key = shard_key(p)
+            if key is not None and key not in seen:
+                seen.append(key)
+                all_reduce_over_shards(self._flag(p.device), key,
+                                       op=torch.distributed.ReduceOp.MAX)
+        if seen:
+            self._share_flags()
 
     @staticmethod
     def _scale_on(grad_scale: Optional[Tensor], device) -> Optional[Tensor]:
@@ -486,7 +573,8 @@ class _SAMBase(torch.optim.Optimizer):
         (1 when None: a check without changing a value), with no host sync."""
         by = defaultdict(list)
         for p in params:
-            by[(p.grad.device, p.grad.dtype)].append(p.grad)
+            g = _local(p.grad)
+            by[(g.device, g.dtype)].append(g)
         for (d, _), gs in by.items():
             inv = (inv_scale or {}).get(d)
             if inv is None:
@@ -496,13 +584,19 @@ class _SAMBase(torch.optim.Optimizer):
     def _grad_sq_norm(self, params: List[Tensor], grad_scale: Optional[Tensor]):
         """Σ (g/s)² of the update gradient over all groups and devices (and shards)."""
         n2 = {}
-        for d, ps in self._by_device([(p,) for p in params]).items():
-            n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-            self._backend(d).sq_norm([p.grad for (p,) in ps], None, None, beta2=0.0, eps=0.0,
-                                     precondition=False,
-                                     grad_scale=self._scale_on(grad_scale, d), out=n2[d])
+        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
+        for (d, key), ps in self._by_device_shard([(p,) for p in params]).items():
+            if key is None:
+                if d not in n2:
+                    n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+                out = n2[d]
+            else:
+                out = self._partial(sharded, key, d)
+            self._backend(d).sq_norm([_local(p.grad) for (p,) in ps], None, None, beta2=0.0,
+                                     eps=0.0, precondition=False,
+                                     grad_scale=self._scale_on(grad_scale, d), out=out)
+        self._reduce_norm_sq(n2, sharded)
         self._global_sum(n2)
-        self._reduce_norm_sq(n2)
         return n2
 
     def _clip_coef(self, n2: Tensor) -> Tensor:
@@ -544,7 +638,8 @@ class _SAMBase(torch.optim.Optimizer):
         else:
             if grad_scale is not None and self.max_grad_norm is None:
                 self._mark_non_finite(params2)          # pass-2 inf/NaN check (the clip
-            self._share_flags()                         # norm below checks it otherwise)
+                self._share_flags_over_shards(params2)  # norm below checks it otherwise)
+            self._share_flags()
             scales = {d: self._scale_on(grad_scale, d) for d in self._devices()}
             if self.max_grad_norm is not None:
                 for d, n2 in self._grad_sq_norm(params2, grad_scale).items():
@@ -570,7 +665,8 @@ class _SAMBase(torch.optim.Optimizer):
                 elif id(p) in pset:
                     without.append(p)
             for d, ps in self._by_device([(p,) for p in without]).items():
-                self._backend(d).restore([p for (p,) in ps], [self._backups[p] for (p,) in ps])
+                self._backend(d).restore([_local(p) for (p,) in ps],
+                                         [self._backups[p] for (p,) in ps])
             restored = [p for p in with_grad if id(p) in pset]
             fresh = [p for p in with_grad if id(p) not in pset]
             beta1, beta2 = group["betas"]
@@ -579,9 +675,10 @@ class _SAMBase(torch.optim.Optimizer):
                     ps = [p for (p,) in ps]
                     states = [self._init_state(p) for p in ps]
                     self._backend(d).restore_adamw(
-                        ps, [p.grad for p in ps],
+                        [_local(p) for p in ps], [_local(p.grad) for p in ps],
                         [self._backups[p] for p in ps] if has_backup else None,
-                        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                        [_local(s["exp_avg"]) for s in states],
+                        [_local(s["exp_avg_sq"]) for s in states],
                         [s["step"] for s in states],
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
@@ -597,7 +694,7 @@ class _SAMBase(torch.optim.Optimizer):
         for plist in perturbed:
             for d, ps in self._by_device([(p,) for p in plist]).items():
                 ps = [p for (p,) in ps]
-                self._backend(d).restore(ps, [self._backups[p] for p in ps])
+                self._backend(d).restore([_local(p) for p in ps], [self._backups[p] for p in ps])
         inv = None
         if grad_scale is not None:
             inv = {d: self._scale_on(grad_scale, d).reciprocal() for d in self._devices()}
@@ -605,8 +702,9 @@ class _SAMBase(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             for d, n2 in self._grad_sq_norm(params2, None).items():
                 coef = self._clip_coef(n2)
-                torch._foreach_mul_([p.grad for p in params2 if p.grad.device == d], coef)
-        self._share_flags()
+                torch._foreach_mul_([_local(p.grad) for p in params2 if p.grad.device == d],
+                                    coef)
+        self._share_flags_over_shards(params2)
         if not any(bool(f.item()) for f in self._found_inf.values()):
             self.base_optimizer.step()
 
@@ -631,7 +729,7 @@ class _SAMBase(torch.optim.Optimizer):
         for plist in self._perturbed:
             for d, ps in self._by_device([(p,) for p in plist]).items():
                 ps = [p for (p,) in ps]
-                self._backend(d).restore(ps, [self._backups[p] for p in ps])
+                self._backend(d).restore([_local(p) for p in ps], [self._backups[p] for p in ps])
         self._perturbed = None
 
     # -- closure API ----------------------------------------------------------
@@ -737,6 +835,33 @@ class _SAMBase(torch.optim.Optimizer):
             return self.base_optimizer.state_dict()
         return super().state_dict()
 
+    @staticmethod
+    def _load_state_tensor(val: Tensor, p: Tensor, key, k) -> Tensor:
+        """A saved exp_avg/exp_avg_sq as this optimizer keeps it: a copy on the
+        parameter's device, float32 (float64 for float64 params); a DTensor with
+        the parameter's mesh and placements for a DTensor parameter."""
+        sd = _state_dtype(p)
+        if not is_dtensor(p):
+            if is_dtensor(val):
+                val = val.full_tensor()
+            return val.detach().to(device=p.device, dtype=sd, copy=True)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if is_dtensor(val):
+            if val.device_mesh != p.device_mesh or tuple(val.placements) != tuple(p.placements):
+                val = val.redistribute(p.device_mesh, p.placements)
+            loc = _local(val)
+            if loc.shape != _local(p).shape:
+                raise ValueError(f"state_dict: state {key!r} of parameter {k} has local shape "
+                                 f"{tuple(loc.shape)}, the parameter's shard has "
+                                 f"{tuple(_local(p).shape)} (saved with another sharding)")
+            loc = loc.detach().to(device=p.device, dtype=sd, copy=True)
+            return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
+        # a full (unsharded) tensor: every rank keeps its own shard of it
+        full = val.detach().to(device=p.device, dtype=sd)
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load optimizer state (torch format: ``state`` and ``param_groups``).
 
@@ -786,7 +911,7 @@ class _SAMBase(torch.optim.Optimizer):
                     if val.shape != p.shape:
                         raise ValueError(f"state_dict: state {key!r} of parameter {k} has shape "
                                          f"{tuple(val.shape)}, the parameter has {tuple(p.shape)}")
-                    ns[key] = val.detach().to(device=p.device, dtype=_state_dtype(p), copy=True)
+                    ns[key] = self._load_state_tensor(val, p, key, k)
                 else:
                     ns[key] = val
             new_state[p] = ns

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 python/ddp.py [--ascent-sync local] [--steps 50]
     python python/ddp.py --tiny      # single process, gloo, world size 1
 
-FSDP2 (fully_shard) is not supported yet by fsam_kernels (see docs/loops.md).
+For FSDP2 (fully_shard) see python/fsdp2.py and docs/loops.md.
 """
 import argparse
 import os
