@@ -30,8 +30,9 @@ PY=.venv/bin/python
 if make setup >>"$LOG" 2>&1; then
   say "make setup: ok"
 else
-  say "make setup failed (no package index?): building in place with the system python"
-  PY=$(command -v python3)
+  say "make setup failed (no package index?): building in place instead"
+  # the venv (if make got that far) sees the machine's torch and pytest too
+  [ -x .venv/bin/python ] || PY=$(command -v python3)
   "$PY" setup.py build_native --force >>"$LOG" 2>&1 || { say "build_native FAILED"; status=1; }
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi

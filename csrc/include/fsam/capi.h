@@ -1,0 +1,126 @@
+/* fsam/capi.h: the C API of the native fsam_kernels libraries.
+ *
+ * Plain C, independent of the torch ABI: one build serves any torch version.
+ * Python (fsam_kernels/backends/native.py) loads libfsam_cpu.so and, where a
+ * CUDA device is present, libfsam_cuda.so with ctypes and calls these
+ * functions with raw pointers taken from torch tensors.
+ *
+ * Each operation is one of SPEC.md §6 over a list of tensors given as an
+ * array of fsam_tensor_t records (one per parameter). All pointers address
+ * the first element of a dense, non-overlapping tensor; the kernels operate
+ * on memory order, so p, g, b, m, v of one record must share strides (the
+ * Python side guarantees it). Unused pointers may be NULL. Empty tensors
+ * (numel == 0) may appear anywhere.
+ *
+ * Return value: 0 on success, non-zero on error; the message is then
+ * available from fsam_*_last_error() (thread-local on the CPU).
+ */
+#ifndef FSAM_CAPI_H_
+#define FSAM_CAPI_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FSAM_API_VERSION 2
+
+#if defined(_WIN32)
+#define FSAM_API __declspec(dllexport)
+#else
+#define FSAM_API __attribute__((visibility("default")))
+#endif
+
+/* dtype codes */
+#define FSAM_F32 0
+#define FSAM_F16 1
+#define FSAM_BF16 2
+#define FSAM_F64 3
+
+/* One tensor of a multi-tensor call: 64 bytes, 8-byte fields, so Python can
+ * build an array of them as an int64 array of shape (n, 8). */
+typedef struct fsam_tensor {
+  void* p;          /* parameter (param dtype)                               */
+  const void* g;    /* gradient (g_dtype; read only)                         */
+  void* b;          /* backup (param dtype)                                  */
+  void* m;          /* exp_avg (float32; float64 for float64 params)         */
+  void* v;          /* exp_avg_sq (same dtype as m)                          */
+  float* step;      /* 0-d float32 step t of this parameter                  */
+  int64_t numel;    /* number of elements (>= 0)                             */
+  int32_t p_dtype;  /* dtype of p and b; state is float64 iff p is float64.
+                       In sq_norm (no param): the dtype of v, or of the
+                       working precision (FSAM_F64 for float64 grads).       */
+  int32_t g_dtype;  /* dtype of g                                            */
+} fsam_tensor_t;
+
+/* Supported (p_dtype, g_dtype): p in {F32, F16, BF16} with g in
+ * {F32, F16, BF16}; p = F64 with g = F64. */
+
+/* ------------------------------------------------------------------ CPU */
+FSAM_API int fsam_cpu_api_version(void);
+FSAM_API const char* fsam_cpu_last_error(void);
+/* elements per chunk: every tensor is cut into chunks of this size and the
+ * chunks of all tensors are spread over the threads of one parallel region */
+FSAM_API int64_t fsam_cpu_chunk_size(void);
+FSAM_API void fsam_cpu_set_num_threads(int n);   /* n <= 0: the machine's CPU count */
+FSAM_API int fsam_cpu_get_num_threads(void);
+
+/* 1. out += sum_i sum d_i^2 (SPEC §1), accumulated per chunk in double,
+ *    chunks summed in a fixed order (independent of the thread count).
+ *    Uses g, v (if precondition), step (if precondition), numel, dtypes. */
+FSAM_API int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition,
+                     double beta2, double eps, const float* grad_scale, float* out);
+
+/* 2. b <- p; p <- p + (rho / (sqrt(*norm_sq) + norm_eps)) * d. If *norm_sq is
+ *    not finite, *found_inf = 1. If *found_inf != 0, p is left unchanged. */
+FSAM_API int fsam_cpu_perturb(const fsam_tensor_t* t, int64_t n, int precondition, double rho,
+                     const float* norm_sq, double norm_eps, double beta2, double eps,
+                     const float* grad_scale, float* found_inf);
+
+/* 3. p <- b (if has_backup), then unless *found_inf != 0 the AdamW update of
+ *    SPEC §3 at t = *step + 1, and *step += 1. */
+FSAM_API int fsam_cpu_restore_adamw(const fsam_tensor_t* t, int64_t n, int has_backup, double lr,
+                           double beta1, double beta2, double eps, double weight_decay,
+                           int maximize, const float* grad_scale, const float* found_inf);
+
+/* 4. p <- b bitwise */
+FSAM_API int fsam_cpu_restore(const fsam_tensor_t* t, int64_t n);
+
+/* dtype conversion through the kernels' own routines (for tests) */
+FSAM_API int fsam_cpu_cast(const void* src, int32_t src_dtype, void* dst, int32_t dst_dtype,
+                  int64_t n);
+
+/* ----------------------------------------------------------------- CUDA
+ * All pointers are device pointers, including the record table `t` and the
+ * chunk table `chunk_start` (int64, n + 1 entries: the first tile of each
+ * tensor, tiles of fsam_cuda_tile_size() elements; chunk_start[n] = n_tiles).
+ * `device` is the CUDA device index the pointers live on (made current if it
+ * is not), `stream` a cudaStream_t on it (NULL: the legacy default stream).
+ * The calls enqueue kernels and never synchronise. */
+FSAM_API int fsam_cuda_api_version(void);
+FSAM_API const char* fsam_cuda_last_error(void);
+FSAM_API int64_t fsam_cuda_tile_size(void);
+FSAM_API int fsam_cuda_device_count(void);
+
+/* partials: device double workspace of n_tiles entries (one partial per tile,
+ * reduced in tile order by a second kernel: deterministic) */
+FSAM_API int fsam_cuda_sq_norm(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
+                      int64_t n_tiles, double* partials, int precondition, double beta2,
+                      double eps, const float* grad_scale, float* out, int device, void* stream);
+FSAM_API int fsam_cuda_perturb(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
+                      int64_t n_tiles, int precondition, double rho, const float* norm_sq,
+                      double norm_eps, double beta2, double eps, const float* grad_scale,
+                      float* found_inf, int device, void* stream);
+FSAM_API int fsam_cuda_restore_adamw(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
+                            int64_t n_tiles, int has_backup, double lr, double beta1,
+                            double beta2, double eps, double weight_decay, int maximize,
+                            const float* grad_scale, const float* found_inf, int device, void* stream);
+FSAM_API int fsam_cuda_restore(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
+                      int64_t n_tiles, int device, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FSAM_CAPI_H_ */

@@ -1,0 +1,847 @@
+"""Native backends: the C++ (``"cpu"``) and CUDA C++ (``"cuda"``) kernels.
+
+The kernels live in two shared libraries built by setup.py from csrc/ without
+torch (``fsam_kernels/_lib/libfsam_cpu.so``, ``libfsam_cuda.so``), behind the
+plain C API of ``csrc/include/fsam/capi.h``. They are loaded here with ctypes
+(as bitsandbytes loads its library), so one build serves any torch version,
+and wrapped as ``torch.library`` custom ops (``torch.ops.fsam_kernels.sq_norm``,
+``perturb``, ``restore_adamw``, ``restore``; schemas with ``(a!)`` mutation
+annotations and fake kernels) that mutate their arguments in place, so
+``torch.compile`` treats each as one opaque call.
+
+CUDA launches: the per-tensor records and the chunk table live in device
+memory, cached by content (the pointers), so a steady-state step copies
+nothing to the device and never synchronises. Warm up one step before
+capturing a CUDA graph (the first call of a new set of tensors builds and
+uploads its table).
+
+Tensor handling (for every operation):
+
+- Parameters must be dense and non-overlapping (contiguous, channels_last,
+  transposed, any permutation of a contiguous layout, at any storage offset);
+  backups, exp_avg and exp_avg_sq must share the parameter's strides (they
+  are ``zeros_like(p)`` / ``empty_like(p)``). The kernels then run over memory
+  order. Anything else (an overlapping or strided view such as ``w[:, ::2]``)
+  raises ``ValueError`` naming the parameter index.
+- A grad whose strides differ from its parameter's (or that is not dense) is
+  first copied into the parameter's layout, so it is read by logical index.
+  A float64 grad of a 16/32-bit parameter is read as float32 and a 16/32-bit
+  grad of a float64 parameter as float64 (as the reference's perturb and
+  AdamW read them).
+- ``grad_scale``, ``found_inf``, ``norm_sq``/``out`` and ``steps`` must be
+  float32 tensors of one element on the parameters' device; they are read
+  and written by the kernels (no ``.item()``, no host synchronisation).
+- Empty tensors may appear anywhere in the lists.
+
+Environment: ``FSAM_LIB_DIR`` overrides the directory the libraries are
+loaded from; ``FSAM_NUM_THREADS`` sets the CPU thread count (default:
+``torch.get_num_threads()``), see also :func:`set_num_threads`.
+"""
+from __future__ import annotations
+
+import ctypes
+import operator
+import os
+import threading
+from collections import OrderedDict
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Backend
+
+__all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads",
+           "cpu_library", "cuda_library", "library_dir"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_F64 = 3
+_STATE_CODE = {torch.float32: 0, torch.float64: 3}
+_API_VERSION = 2
+
+
+def library_dir() -> str:
+    """Directory the native libraries are loaded from."""
+    env = os.environ.get("FSAM_LIB_DIR")
+    if env:
+        return env
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
+
+
+# ----------------------------------------------------------------------------
+# Library loading (ctypes)
+# ----------------------------------------------------------------------------
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_D = ctypes.c_double
+_INT = ctypes.c_int
+
+
+def _declare_cpu(lib):
+    lib.fsam_cpu_api_version.restype = _INT
+    lib.fsam_cpu_last_error.restype = ctypes.c_char_p
+    lib.fsam_cpu_chunk_size.restype = _I64
+    lib.fsam_cpu_set_num_threads.argtypes = [_INT]
+    lib.fsam_cpu_set_num_threads.restype = None
+    lib.fsam_cpu_get_num_threads.restype = _INT
+    lib.fsam_cpu_sq_norm.argtypes = [_P, _I64, _INT, _D, _D, _P, _P]
+    lib.fsam_cpu_perturb.argtypes = [_P, _I64, _INT, _D, _P, _D, _D, _D, _P, _P]
+    lib.fsam_cpu_restore_adamw.argtypes = [_P, _I64, _INT, _D, _D, _D, _D, _D, _INT, _P, _P]
+    lib.fsam_cpu_restore.argtypes = [_P, _I64]
+    lib.fsam_cpu_cast.argtypes = [_P, ctypes.c_int32, _P, ctypes.c_int32, _I64]
+    for f in ("sq_norm", "perturb", "restore_adamw", "restore", "cast"):
+        getattr(lib, "fsam_cpu_" + f).restype = _INT
+
+
+def _declare_cuda(lib):
+    lib.fsam_cuda_api_version.restype = _INT
+    lib.fsam_cuda_last_error.restype = ctypes.c_char_p
+    lib.fsam_cuda_tile_size.restype = _I64
+    lib.fsam_cuda_device_count.restype = _INT
+    lib.fsam_cuda_sq_norm.argtypes = [_P, _P, _I64, _I64, _P, _INT, _D, _D, _P, _P, _INT, _P]
+    lib.fsam_cuda_perturb.argtypes = [_P, _P, _I64, _I64, _INT, _D, _P, _D, _D, _D, _P, _P, _INT,
+                                      _P]
+    lib.fsam_cuda_restore_adamw.argtypes = [_P, _P, _I64, _I64, _INT, _D, _D, _D, _D, _D, _INT,
+                                            _P, _P, _INT, _P]
+    lib.fsam_cuda_restore.argtypes = [_P, _P, _I64, _I64, _INT, _P]
+    for f in ("sq_norm", "perturb", "restore_adamw", "restore"):
+        getattr(lib, "fsam_cuda_" + f).restype = _INT
+
+
+class _Loaded:
+    def __init__(self):
+        self.lib = None
+        self.error = "not loaded yet"
+        self.tried = False
+
+
+_cpu = _Loaded()
+_cuda = _Loaded()
+_load_lock = threading.Lock()
+
+
+def _load(state: _Loaded, fname: str, declare, prefix: str):
+    with _load_lock:
+        if state.tried:
+            return state.lib
+        state.tried = True
+        path = os.path.join(library_dir(), fname)
+        if not os.path.exists(path):
+            state.error = (f"{path} not found: build it with `pip install -e .` or "
+                           f"`python setup.py build_native`")
+            return None
+        try:
+            lib = ctypes.CDLL(path)
+            declare(lib)
+            version = getattr(lib, f"fsam_{prefix}_api_version")()
+        except (OSError, AttributeError) as exc:
+            state.error = f"could not load {path}: {exc}"
+            return None
+        if version != _API_VERSION:
+            state.error = (f"{path} has C API version {version}, expected {_API_VERSION}: "
+                           f"rebuild it (python setup.py build_native --force)")
+            return None
+        state.lib, state.error = lib, ""
+        return lib
+
+
+def cpu_library():
+    """The loaded CPU library (ctypes.CDLL) or None (see ``CPUBackend.availability``)."""
+    if not _cpu.tried:
+        lib = _load(_cpu, "libfsam_cpu.so", _declare_cpu, "cpu")
+        if lib is not None:
+            env = os.environ.get("FSAM_NUM_THREADS")
+            lib.fsam_cpu_set_num_threads(int(env) if env else torch.get_num_threads())
+    return _cpu.lib
+
+
+def cuda_library():
+    """The loaded CUDA library or None. Loaded only when torch sees a CUDA device."""
+    if not _cuda.tried:
+        if not torch.cuda.is_available():
+            _cuda.error = "torch.cuda.is_available() is False"
+            return None
+        _load(_cuda, "libfsam_cuda.so", _declare_cuda, "cuda")
+    return _cuda.lib
+
+
+def set_num_threads(n: int) -> None:
+    """Threads of the CPU kernels (``n <= 0``: the machine's CPU count)."""
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"fsam_kernels cpu library unavailable: {_cpu.error}")
+    lib.fsam_cpu_set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"fsam_kernels cpu library unavailable: {_cpu.error}")
+    return int(lib.fsam_cpu_get_num_threads())
+
+
+def _check_rc(rc: int, lib, prefix: str):
+    if rc != 0:
+        msg = getattr(lib, f"fsam_{prefix}_last_error")()
+        raise RuntimeError(f"fsam_kernels native {prefix} kernel failed: "
+                           f"{msg.decode(errors='replace') if msg else rc}")
+
+
+# ----------------------------------------------------------------------------
+# Argument preparation: layouts, dtypes, the record table
+# ----------------------------------------------------------------------------
+def _strides_key(t: Tensor):
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz != 1)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: strides are a permutation of contiguous ones."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return _strides_key(a) == _strides_key(b)
+
+
+def _code(t: Tensor, what: str, i: int) -> int:
+    c = _DTYPE_CODE.get(t.dtype)
+    if c is None:
+        raise TypeError(f"fsam_kernels native: {what}[{i}] has dtype {t.dtype}; expected "
+                        f"float32, float16, bfloat16 or float64")
+    return c
+
+
+def _check_param(p: Tensor, i: int, op: str, device: torch.device) -> int:
+    if p.device != device:
+        raise ValueError(f"{op}: params[{i}] is on {p.device}, expected {device} "
+                         f"(one call covers one device)")
+    c = _code(p, "params", i)
+    if p.is_sparse or p.layout != torch.strided:
+        raise ValueError(f"{op}: params[{i}] has layout {p.layout}; expected torch.strided")
+    if p.numel() and not _is_dense(p):
+        raise ValueError(
+            f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {tuple(p.stride())}) is an "
+            f"overlapping or non-dense view; the native kernels need a dense, non-overlapping "
+            f"parameter (contiguous, channels_last or any permutation of those)")
+    return c
+
+
+def _check_like(t: Tensor, p: Tensor, what: str, i: int, op: str, dtype=None):
+    if t.device != p.device:
+        raise ValueError(f"{op}: {what}[{i}] is on {t.device}, expected {p.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {what}[{i}] has dtype {t.dtype}, expected {dtype}")
+    if t.shape != p.shape:
+        raise ValueError(f"{op}: {what}[{i}] has shape {tuple(t.shape)}, expected "
+                         f"{tuple(p.shape)} (the parameter's)")
+    if p.numel() and not _same_layout(t, p):
+        raise ValueError(f"{op}: {what}[{i}] has strides {tuple(t.stride())} but params[{i}] has "
+                         f"{tuple(p.stride())}; state and backups must share the parameter's "
+                         f"layout (create them with zeros_like/empty_like)")
+
+
+def _state_dtype(pcode: int):
+    return torch.float64 if pcode == _F64 else torch.float32
+
+
+def _prep_grad(g: Tensor, like: Tensor, want64: bool, i: int, op: str) -> Tensor:
+    """The grad in ``like``'s layout, float64 iff ``want64`` (else a 16/32-bit type)."""
+    if g is None:
+        raise ValueError(f"{op}: grads[{i}] is None")
+    if g.device != like.device:
+        raise ValueError(f"{op}: grads[{i}] is on {g.device}, expected {like.device}")
+    if g.layout != torch.strided:
+        raise ValueError(f"{op}: grads[{i}] has layout {g.layout}; sparse grads are not supported")
+    if g.shape != like.shape:
+        raise ValueError(f"{op}: grads[{i}] has shape {tuple(g.shape)}, expected {tuple(like.shape)}")
+    _code(g, "grads", i)
+    if want64 and g.dtype != torch.float64:
+        g = g.to(torch.float64)
+    elif not want64 and g.dtype == torch.float64:
+        g = g.to(torch.float32)
+    if g.numel() and not (_is_dense(g) and _same_layout(g, like)):
+        g2 = torch.empty_like(like, dtype=g.dtype)  # preserve_format: like's strides
+        g2.copy_(g)
+        g = g2
+    return g
+
+
+def _scalar_ptr(t: Optional[Tensor], name: str, device: torch.device, op: str,
+                optional: bool = False) -> int:
+    if t is None:
+        if optional:
+            return 0
+        raise ValueError(f"{op}: {name} is required")
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise TypeError(f"{op}: {name} must be a one-element float32 tensor, got dtype {t.dtype} "
+                        f"with {t.numel()} elements")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the tensors' device)")
+    return t.data_ptr()
+
+
+def _ptrs(ts) -> List[int]:
+    return list(map(Tensor.data_ptr, ts))
+
+
+class _Records:
+    """The fsam_tensor_t table (capi.h) as an int64 array of shape (n, 8)."""
+
+    def __init__(self, n: int):
+        self.a = np.zeros((n, 8), dtype=np.int64)
+        self.keep: list = []  # temporaries (converted grads) kept alive for the call
+
+    def set(self, col: int, values):
+        if len(values):
+            self.a[:, col] = values
+
+    def dtypes(self, pcodes, gcodes):
+        if len(pcodes):
+            self.a[:, 7] = np.asarray(pcodes, dtype=np.int64) | (np.asarray(gcodes, dtype=np.int64) << 32)
+
+    @property
+    def n(self):
+        return self.a.shape[0]
+
+    def ptr(self):
+        return self.a.ctypes.data
+
+
+def _device_of(*cands) -> torch.device:
+    for c in cands:
+        if isinstance(c, Tensor):
+            return c.device
+        if c:
+            return c[0].device
+    return torch.device("cpu")
+
+
+# Fast path: every tensor contiguous, on the op's device, with the expected
+# dtypes and matching sizes (the usual case). A handful of cheap attribute
+# reads per tensor, no per-tensor Python function calls; anything unusual
+# returns None and the full validation below runs (with its copies and
+# errors). Contiguous tensors of equal numel are read in memory order, which
+# is their logical (row-major) order.
+_is_contig = Tensor.is_contiguous
+_get_device = Tensor.get_device
+_numel = Tensor.numel
+_data_ptr = Tensor.data_ptr
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _fast_ok(ts, dev: int, numel) -> bool:
+    return (all(map(_is_contig, ts)) and list(map(_numel, ts)) == numel
+            and list(map(_get_device, ts)).count(dev) == len(ts))
+
+
+def _fast_steps_ok(steps, dev: int) -> bool:
+    n = len(steps)
+    return (list(map(_dtype_of, steps)).count(torch.float32) == n
+            and list(map(_numel, steps)).count(1) == n
+            and list(map(_get_device, steps)).count(dev) == n)
+
+
+def _f64_mismatch(codes_a, codes_b) -> bool:
+    if _F64 not in codes_a and _F64 not in codes_b:
+        return False
+    return [c == _F64 for c in codes_a] != [c == _F64 for c in codes_b]
+
+
+def _fast_sq_norm(grads, exp_avg_sqs, steps, precondition):
+    try:
+        n = len(grads)
+        if n == 0:
+            return _Records(0)
+        dev = grads[0].get_device()
+        numel = list(map(_numel, grads))
+        if not _fast_ok(grads, dev, numel):
+            return None
+        gcodes = list(map(_DTYPE_CODE.get, map(_dtype_of, grads)))
+        if None in gcodes:
+            return None
+        r = _Records(n)
+        if precondition:
+            if len(exp_avg_sqs) != n or len(steps) != n or not _fast_ok(exp_avg_sqs, dev, numel) \
+                    or not _fast_steps_ok(steps, dev):
+                return None
+            wcodes = list(map(_STATE_CODE.get, map(_dtype_of, exp_avg_sqs)))
+            if None in wcodes or _f64_mismatch(wcodes, gcodes):
+                return None
+            r.set(4, _ptrs(exp_avg_sqs))
+            r.set(5, _ptrs(steps))
+        else:
+            wcodes = [_F64 if gc == _F64 else 0 for gc in gcodes] if _F64 in gcodes else [0] * n
+        r.set(1, _ptrs(grads))
+        r.set(6, numel)
+        r.dtypes(wcodes, gcodes)
+        return r
+    except Exception:  # sparse or otherwise unusual tensors: the full path explains
+        return None
+
+
+def _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_steps):
+    try:
+        n = len(params)
+        if n == 0:
+            return _Records(0)
+        dev = params[0].get_device()
+        numel = list(map(_numel, params))
+        pdt = list(map(_dtype_of, params))
+        pcodes = list(map(_DTYPE_CODE.get, pdt))
+        if None in pcodes or not _fast_ok(params, dev, numel):
+            return None
+        r = _Records(n)
+        r.set(0, _ptrs(params))
+        if backups is not None:
+            if not _fast_ok(backups, dev, numel) or list(map(_dtype_of, backups)) != pdt:
+                return None
+            r.set(2, _ptrs(backups))
+        if exp_avgs is not None or exp_avg_sqs is not None:
+            sdt = [torch.float64 if c == _F64 else torch.float32 for c in pcodes]
+            for col, lst in ((3, exp_avgs), (4, exp_avg_sqs)):
+                if lst is None:
+                    continue
+                if not _fast_ok(lst, dev, numel) or list(map(_dtype_of, lst)) != sdt:
+                    return None
+                r.set(col, _ptrs(lst))
+        if grads is not None:
+            if not _fast_ok(grads, dev, numel):
+                return None
+            gcodes = list(map(_DTYPE_CODE.get, map(_dtype_of, grads)))
+            if None in gcodes or _f64_mismatch(gcodes, pcodes):
+                return None
+            r.set(1, _ptrs(grads))
+        else:
+            gcodes = pcodes
+        if need_steps:
+            if steps is None or len(steps) != n or not _fast_steps_ok(steps, dev):
+                return None
+            r.set(5, _ptrs(steps))
+        r.set(6, numel)
+        r.dtypes(pcodes, gcodes)
+        return r
+    except Exception:
+        return None
+
+
+def _records_sq_norm(grads, exp_avg_sqs, steps, precondition, op="sq_norm"):
+    fast = _fast_sq_norm(grads, exp_avg_sqs, steps, precondition)
+    if fast is not None:
+        return fast
+    n = len(grads)
+    r = _Records(n)
+    if n == 0:
+        return r
+    device = grads[0].device
+    gs_, wcodes = [], []
+    for i, g in enumerate(grads):
+        if precondition:
+            v = exp_avg_sqs[i]
+            if v.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{op}: exp_avg_sqs[{i}] has dtype {v.dtype}; expected float32 "
+                                f"(float64 for float64 parameters)")
+            if v.device != device:
+                raise ValueError(f"{op}: exp_avg_sqs[{i}] is on {v.device}, expected {device}")
+            if v.numel() and not _is_dense(v):
+                raise ValueError(f"{op}: exp_avg_sqs[{i}] is not dense")
+            w64 = v.dtype == torch.float64
+            g = _prep_grad(g, v, w64, i, op)
+        else:
+            if g.device != device:
+                raise ValueError(f"{op}: grads[{i}] is on {g.device}, expected {device}")
+            _code(g, "grads", i)
+            if g.layout != torch.strided:
+                raise ValueError(f"{op}: grads[{i}] has layout {g.layout}; sparse grads are not "
+                                 f"supported")
+            w64 = g.dtype == torch.float64
+            if g.numel() and not _is_dense(g):  # the sum of squares needs no particular order
+                g = g.contiguous()
+        gs_.append(g)
+        wcodes.append(_F64 if w64 else 0)
+    r.keep = gs_
+    r.set(1, _ptrs(gs_))
+    if precondition:
+        r.set(4, _ptrs(exp_avg_sqs))
+        for i, s in enumerate(steps):
+            _scalar_ptr(s, f"steps[{i}]", device, op)
+        r.set(5, _ptrs(steps))
+    r.set(6, [g.numel() for g in gs_])
+    r.dtypes(wcodes, [_DTYPE_CODE[g.dtype] for g in gs_])
+    return r
+
+
+def _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_steps):
+    """Records for perturb / restore_adamw / restore (grads None for restore)."""
+    fast = _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_steps)
+    if fast is not None:
+        return fast
+    n = len(params)
+    r = _Records(n)
+    if n == 0:
+        return r
+    device = params[0].device
+    pcodes, gcodes, gs_ = [], [], []
+    for i, p in enumerate(params):
+        pc = _check_param(p, i, op, device)
+        pcodes.append(pc)
+        if backups is not None:
+            _check_like(backups[i], p, "backups", i, op, p.dtype)
+        sd = _state_dtype(pc)
+        if exp_avgs is not None:
+            _check_like(exp_avgs[i], p, "exp_avgs", i, op, sd)
+        if exp_avg_sqs is not None:
+            _check_like(exp_avg_sqs[i], p, "exp_avg_sqs", i, op, sd)
+        if grads is not None:
+            g = _prep_grad(grads[i], p, pc == _F64, i, op)
+            gs_.append(g)
+            gcodes.append(_DTYPE_CODE[g.dtype])
+        else:
+            gcodes.append(pc)
+    r.keep = gs_
+    r.set(0, _ptrs(params))
+    if grads is not None:
+        r.set(1, _ptrs(gs_))
+    if backups is not None:
+        r.set(2, _ptrs(backups))
+    if exp_avgs is not None:
+        r.set(3, _ptrs(exp_avgs))
+    if exp_avg_sqs is not None:
+        r.set(4, _ptrs(exp_avg_sqs))
+    if need_steps:
+        if steps is None or len(steps) != n:
+            raise ValueError(f"{op}: steps must have one entry per parameter")
+        for i, s in enumerate(steps):
+            _scalar_ptr(s, f"steps[{i}]", device, op)
+        r.set(5, _ptrs(steps))
+    r.set(6, [p.numel() for p in params])
+    r.dtypes(pcodes, gcodes)
+    return r
+
+
+def _check_lengths(op, n, **lists):
+    for name, lst in lists.items():
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"{op}: {name} has {len(lst)} entries, expected {n} (one per parameter)")
+
+
+# ----------------------------------------------------------------------------
+# CUDA launch plumbing: record + chunk tables kept on the device, cached by
+# content (the pointers), so a steady-state step copies nothing to the device.
+# ----------------------------------------------------------------------------
+def cuda_host_table(records: np.ndarray, tile: int):
+    """The CUDA kernels' tables in one int64 array: the (n, 8) records, then the
+    chunk table ``chunk_start`` (n + 1 entries: the first tile of each tensor,
+    tiles of ``tile`` elements, ``chunk_start[n]`` = the number of tiles).
+    Returns ``(array, n_tiles)``."""
+    n = records.shape[0]
+    numel = records[:, 6] if n else np.zeros(0, dtype=np.int64)
+    tiles = (numel + tile - 1) // tile
+    chunk_start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(tiles, out=chunk_start[1:])
+    return np.concatenate([records.reshape(-1), chunk_start]), int(chunk_start[-1])
+
+
+class _CudaTables:
+    def __init__(self, capacity: int = 64):
+        self.cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.capacity = capacity
+        self.lock = threading.Lock()
+
+    def get(self, rec: _Records, device: torch.device, tile: int):
+        host, n_tiles = cuda_host_table(rec.a, tile)
+        key = (device.index, host.tobytes())
+        with self.lock:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.move_to_end(key)
+                return hit
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fsam_kernels cuda: a new set of tensors reached the kernels during CUDA graph "
+                "capture; run one eager step with the same tensors before capturing (the "
+                "launch tables are built and uploaded on first use)")
+        table = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+        partials = torch.empty(max(n_tiles, 1), dtype=torch.float64, device=device)
+        entry = (table, partials, n_tiles)
+        with self.lock:
+            self.cache[key] = entry
+            while len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        return entry
+
+
+_tables = _CudaTables()
+
+
+def _cuda_call(name: str, rec: _Records, device: torch.device, *args, partials=False):
+    lib = cuda_library()
+    if lib is None:
+        raise RuntimeError(f"fsam_kernels cuda library unavailable: {_cuda.error}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    table, work, n_tiles = _tables.get(rec, device, int(lib.fsam_cuda_tile_size()))
+    tptr = table.data_ptr()
+    cptr = tptr + rec.n * 8 * 8
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        fn = getattr(lib, "fsam_cuda_" + name)
+        if partials:
+            rc = fn(tptr, cptr, rec.n, n_tiles, work.data_ptr(), *args, device.index, stream)
+        else:
+            rc = fn(tptr, cptr, rec.n, n_tiles, *args, device.index, stream)
+    _check_rc(rc, lib, "cuda")
+
+
+def _cpu_lib_or_raise():
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"fsam_kernels cpu library unavailable: {_cpu.error}")
+    return lib
+
+
+# ----------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, mutate in place)
+# ----------------------------------------------------------------------------
+_NS = "fsam_kernels"
+
+
+def _bump(tensors):
+    """Version counters of tensors written by a kernel (autograd's in-place checks)."""
+    if len(tensors):
+        torch.autograd.graph.increment_version(tensors)
+
+
+def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Tensor],
+                beta2: float, eps: float, precondition: bool, grad_scale: Optional[Tensor],
+                out: Tensor) -> None:
+    op = "sq_norm"
+    device = out.device
+    if precondition:
+        _check_lengths(op, len(grads), exp_avg_sqs=exp_avg_sqs, steps=steps)
+    if grads and grads[0].device != device:
+        raise ValueError(f"{op}: out is on {device} but grads[0] is on {grads[0].device}")
+    out_ptr = _scalar_ptr(out, "out", device, op)
+    gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
+    rec = _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
+    if device.type == "cuda":
+        _cuda_call(op, rec, device, int(precondition), beta2, eps, gs_ptr, out_ptr, partials=True)
+    else:
+        lib = _cpu_lib_or_raise()
+        _check_rc(lib.fsam_cpu_sq_norm(rec.ptr(), rec.n, int(precondition), beta2, eps, gs_ptr,
+                                       out_ptr), lib, "cpu")
+    _bump((out,))
+
+
+def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                exp_avg_sqs: List[Tensor], steps: List[Tensor], rho: float, norm_sq: Tensor,
+                norm_eps: float, beta2: float, eps: float, precondition: bool,
+                grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
+    op = "perturb"
+    n = len(params)
+    _check_lengths(op, n, grads=grads, backups=backups)
+    if precondition:
+        _check_lengths(op, n, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    device = found_inf.device
+    if params and params[0].device != device:
+        raise ValueError(f"{op}: found_inf is on {device} but params[0] is on {params[0].device}")
+    ns_ptr = _scalar_ptr(norm_sq, "norm_sq", device, op)
+    fi_ptr = _scalar_ptr(found_inf, "found_inf", device, op)
+    gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
+    rec = _records_update(op, params, grads, backups, None,
+                          exp_avg_sqs if precondition else None,
+                          steps if precondition else None, need_steps=precondition)
+    args = (int(precondition), rho, ns_ptr, norm_eps, beta2, eps, gs_ptr, fi_ptr)
+    if device.type == "cuda":
+        _cuda_call(op, rec, device, *args)
+    else:
+        lib = _cpu_lib_or_raise()
+        _check_rc(lib.fsam_cpu_perturb(rec.ptr(), rec.n, *args), lib, "cpu")
+    _bump(params)
+    _bump(backups)
+    _bump((found_inf,))
+
+
+def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                      has_backups: bool, exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                      steps: List[Tensor], lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
+                      found_inf: Tensor) -> None:
+    op = "restore_adamw"
+    n = len(params)
+    _check_lengths(op, n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
+    if has_backups:
+        _check_lengths(op, n, backups=backups)
+    device = found_inf.device
+    if params and params[0].device != device:
+        raise ValueError(f"{op}: found_inf is on {device} but params[0] is on {params[0].device}")
+    fi_ptr = _scalar_ptr(found_inf, "found_inf", device, op)
+    gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
+    rec = _records_update(op, params, grads, backups if has_backups else None, exp_avgs,
+                          exp_avg_sqs, steps, need_steps=True)
+    args = (int(has_backups), lr, beta1, beta2, eps, weight_decay, int(maximize), gs_ptr, fi_ptr)
+    if device.type == "cuda":
+        _cuda_call(op, rec, device, *args)
+    else:
+        lib = _cpu_lib_or_raise()
+        _check_rc(lib.fsam_cpu_restore_adamw(rec.ptr(), rec.n, *args), lib, "cpu")
+    _bump(params)
+    _bump(exp_avgs)
+    _bump(exp_avg_sqs)
+    _bump(steps)
+
+
+def _restore_impl(params: List[Tensor], backups: List[Tensor]) -> None:
+    op = "restore"
+    n = len(params)
+    _check_lengths(op, n, backups=backups)
+    if n == 0:
+        return
+    device = params[0].device
+    rec = _records_update(op, params, None, backups, None, None, None, need_steps=False)
+    if device.type == "cuda":
+        _cuda_call(op, rec, device)
+    else:
+        lib = _cpu_lib_or_raise()
+        _check_rc(lib.fsam_cpu_restore(rec.ptr(), rec.n), lib, "cpu")
+    _bump(params)
+
+
+def _fake(*args, **kwargs):
+    return None
+
+
+# Schemas: (a!) marks the tensors each op writes (torch.compile functionalises
+# them; eager calls bump their version counters in bulk, below).
+_SCHEMAS = {
+    "sq_norm": "sq_norm(Tensor[] grads, Tensor[] exp_avg_sqs, Tensor[] steps, float beta2, "
+               "float eps, bool precondition, Tensor? grad_scale, Tensor(a!) out) -> ()",
+    "perturb": "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, "
+               "Tensor[] exp_avg_sqs, Tensor[] steps, float rho, Tensor norm_sq, float norm_eps, "
+               "float beta2, float eps, bool precondition, Tensor? grad_scale, "
+               "Tensor(c!) found_inf) -> ()",
+    "restore_adamw": "restore_adamw(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, "
+                     "bool has_backups, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+                     "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, "
+                     "float weight_decay, bool maximize, Tensor? grad_scale, "
+                     "Tensor found_inf) -> ()",
+    "restore": "restore(Tensor(a!)[] params, Tensor[] backups) -> ()",
+}
+_IMPLS = {"sq_norm": _sq_norm_impl, "perturb": _perturb_impl,
+          "restore_adamw": _restore_adamw_impl, "restore": _restore_impl}
+
+
+def _register_ops():
+    """Define torch.ops.fsam_kernels.{sq_norm, perturb, restore_adamw, restore}.
+
+    Registered with the low-level ``torch.library.Library`` API (define + impl
+    for the CPU and CUDA keys + register_fake) rather than the
+    ``torch.library.custom_op`` decorator: the ops are the same kind of opaque,
+    mutating custom ops for torch.compile, but the decorator's per-tensor
+    Python bookkeeping (a version bump per mutated tensor, alias checks)
+    cost ~8 ms per call at 1,000 parameters, several times the kernels'
+    own work on small models. Version counters are bumped here in one call.
+    """
+    global _LIB
+    try:
+        lib = torch.library.Library(_NS, "DEF")
+    except RuntimeError:  # already defined in this process (module re-imported)
+        return None
+    for name, schema in _SCHEMAS.items():
+        lib.define(schema)
+        # the sparse keys only route sparse arguments to the impl's clear error
+        for key in ("CPU", "CUDA", "SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA"):
+            lib.impl(name, _IMPLS[name], key)
+        if name == "restore":  # callable with empty lists (no tensor to dispatch on)
+            lib.impl(name, _IMPLS[name], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{_NS}::{name}", _fake, lib=lib)
+    _LIB = lib
+    return lib
+
+
+_LIB = None
+_register_ops()
+
+
+# ----------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------
+def _lst(x) -> List[Tensor]:
+    return [] if x is None else list(x)
+
+
+class _NativeBackend(Backend):
+    norm_dtype = torch.float32
+    fused = True
+
+    def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out):
+        torch.ops.fsam_kernels.sq_norm(
+            list(grads), _lst(exp_avg_sqs) if precondition else [],
+            _lst(steps) if precondition else [], float(beta2), float(eps), bool(precondition),
+            grad_scale, out)
+
+    def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq, norm_eps,
+                beta2, eps, precondition, grad_scale, found_inf):
+        torch.ops.fsam_kernels.perturb(
+            list(params), list(grads), list(backups),
+            _lst(exp_avg_sqs) if precondition else [], _lst(steps) if precondition else [],
+            float(rho), norm_sq, float(norm_eps), float(beta2), float(eps), bool(precondition),
+            grad_scale, found_inf)
+
+    def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
+                      beta2, eps, weight_decay, maximize, grad_scale, found_inf):
+        torch.ops.fsam_kernels.restore_adamw(
+            list(params), list(grads), _lst(backups), backups is not None, list(exp_avgs),
+            list(exp_avg_sqs), list(steps), float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), bool(maximize), grad_scale, found_inf)
+
+    def restore(self, params, backups):
+        torch.ops.fsam_kernels.restore(list(params), list(backups))
+
+
+class CPUBackend(_NativeBackend):
+    """C++ multi-tensor kernels (threads + SIMD) for tensors in CPU memory."""
+
+    name = "cpu"
+
+    @classmethod
+    def availability(cls, device):
+        device = torch.device(device)
+        if device.type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, not {device}"
+        if cpu_library() is None:
+            return False, _cpu.error
+        return True, ""
+
+
+class CUDABackend(_NativeBackend):
+    """CUDA C++ multi-tensor kernels (one launch per operation for any number of tensors)."""
+
+    name = "cuda"
+
+    @classmethod
+    def availability(cls, device):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, not {device}"
+        if not torch.cuda.is_available():
+            return False, "torch.cuda.is_available() is False"
+        lib = cuda_library()
+        if lib is None:
+            return False, _cuda.error
+        if lib.fsam_cuda_device_count() <= 0:
+            return False, ("the CUDA library sees no device (driver too old for the CUDA "
+                           "runtime it was built with?)")
+        return True, ""

@@ -1,0 +1,942 @@
+"""The native backends ("cpu": C++; "cuda": CUDA C++) against the reference.
+
+Tolerances are SPEC §5: float32 rtol 1e-6 / atol 1e-7 after one step (1e-5
+after ten), bfloat16/float16 within one ulp of the parameter dtype, restores
+and skipped steps bitwise, two runs bitwise identical. Case names (D-A1 ...)
+are those of shared/cases/CASES.md section A. Every test runs on "cpu" and,
+where a CUDA device is present, on "cuda"; the GPU-large cases are marked
+``gpu_large`` and skipped without a GPU of >= 50 GiB.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+from fsam_kernels.backends import native
+from fsam_kernels.backends.native import CPUBackend, CUDABackend
+from fsam_kernels.backends.reference import ReferenceBackend
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])]
+REF = ReferenceBackend()
+BETA1, BETA2, EPS, NORM_EPS = 0.9, 0.999, 1e-8, 1e-12
+CHUNK = 65536  # the CPU chunk; CUDA tiles are a divisor or multiple of it
+
+
+def native_backend(device):
+    cls = CPUBackend if torch.device(device).type == "cpu" else CUDABackend
+    ok, why = cls.availability(torch.device(device))
+    # A present device with an unbuilt library is a failure, not a skip.
+    assert ok, f"native backend for {device} unavailable: {why}"
+    return cls()
+
+
+def state_dtype(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------
+# Comparison helpers
+# ----------------------------------------------------------------------------
+def _ordered_bits(t):
+    """16-bit floats as integers ordered like the values (adjacent floats differ by 1)."""
+    x = t.contiguous().view(torch.int16).to(torch.int32)
+    return torch.where(x < 0, -(x & 0x7FFF), x)
+
+
+def assert_spec_close(actual, expected, what="", rtol=1e-6, atol=1e-7):
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, what
+    if actual.numel() == 0:
+        return
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.dtype in (torch.bfloat16, torch.float16):
+        diff = (_ordered_bits(a) - _ordered_bits(e)).abs()
+        bad = diff > 1
+        assert not bool(bad.any()), (
+            f"{what}: {int(bad.sum())} elements differ by more than 1 ulp "
+            f"(max {int(diff.max())}), e.g. {a[bad][:4].tolist()} vs {e[bad][:4].tolist()}")
+    elif a.dtype == torch.float64:
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14, msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_bitwise(actual, expected, what=""):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.numel() == 0:
+        return
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    assert torch.equal(a.contiguous().view(bits), e.contiguous().view(bits)), f"{what}: not bitwise equal"
+
+
+# ----------------------------------------------------------------------------
+# State construction
+# ----------------------------------------------------------------------------
+def make_state(shapes, pdtypes, gdtypes, device, seed=0, steps=None, p_fill=None,
+               g_fill=None):
+    """Params, two grads, exp_avg, exp_avg_sq, steps for ``shapes`` (all on ``device``)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(shapes)
+    pdtypes = pdtypes if isinstance(pdtypes, (list, tuple)) else [pdtypes] * n
+    gdtypes = gdtypes if isinstance(gdtypes, (list, tuple)) else [gdtypes] * n
+    st = {k: [] for k in ("params", "grads1", "grads2", "exp_avgs", "exp_avg_sqs", "steps")}
+    for i, s in enumerate(shapes):
+        pd, gd, sd = pdtypes[i], gdtypes[i] or pdtypes[i], state_dtype(pdtypes[i])
+        p = torch.randn(s, generator=gen, dtype=torch.float64) if p_fill is None else \
+            torch.full(s, p_fill, dtype=torch.float64)
+        st["params"].append(p.to(pd).to(device))
+        for k in ("grads1", "grads2"):
+            g = torch.randn(s, generator=gen, dtype=torch.float64) if g_fill is None else \
+                torch.full(s, g_fill, dtype=torch.float64)
+            st[k].append(g.to(gd).to(device))
+        st["exp_avgs"].append((0.1 * torch.randn(s, generator=gen, dtype=torch.float64)).to(sd).to(device))
+        st["exp_avg_sqs"].append((0.01 * torch.rand(s, generator=gen, dtype=torch.float64)).to(sd).to(device))
+        t = float(steps[i]) if steps is not None else float(i % 4)  # some t = 0
+        st["steps"].append(torch.tensor(t, dtype=torch.float32, device=device))
+    return st
+
+
+def clone_state(st):
+    return {k: [t.clone() for t in v] for k, v in st.items()}
+
+
+def sam_step(be, st, *, precondition, rho=0.05, lr=1e-3, wd=0.01, maximize=False,
+             grad_scale=None, found_inf=None, norm_sq=None):
+    """One optimizer-side SAM-AdamW step; returns (norm, perturbed params, backups, found_inf)."""
+    device = st["steps"][0].device if st["steps"] else torch.device("cpu")
+    out = torch.zeros((), dtype=be.norm_dtype, device=device)
+    be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
+               precondition=precondition, grad_scale=grad_scale, out=out)
+    n2 = out.to(torch.float32) if norm_sq is None else norm_sq
+    fi = torch.zeros((), device=device) if found_inf is None else found_inf
+    backups = [torch.empty_like(p) for p in st["params"]]
+    be.perturb(st["params"], st["grads1"], backups, st["exp_avg_sqs"], st["steps"], rho=rho,
+               norm_sq=n2, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=precondition,
+               grad_scale=grad_scale, found_inf=fi)
+    perturbed = [p.clone() for p in st["params"]]
+    be.restore_adamw(st["params"], st["grads2"], backups, st["exp_avgs"], st["exp_avg_sqs"],
+                     st["steps"], lr=lr, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=wd,
+                     maximize=maximize, grad_scale=grad_scale, found_inf=fi)
+    return out, perturbed, backups, fi
+
+
+def assert_states_close(a, b, what="", rtol=1e-6, atol=1e-7):
+    for k in ("params", "exp_avgs", "exp_avg_sqs"):
+        for i, (x, y) in enumerate(zip(a[k], b[k])):
+            assert_spec_close(x, y, f"{what} {k}[{i}]", rtol=rtol, atol=atol)
+    for i, (x, y) in enumerate(zip(a["steps"], b["steps"])):
+        assert_bitwise(x, y, f"{what} steps[{i}]")
+
+
+def compare_ops(device, st, precondition, *, grad_scale=None, maximize=False, wd=0.01):
+    """Each op of SPEC §6 on the native backend vs the reference, same inputs each time."""
+    be = native_backend(device)
+    a, b = clone_state(st), clone_state(st)
+    gs_a = None if grad_scale is None else torch.tensor(grad_scale, device=device)
+    gs_b = None if grad_scale is None else torch.tensor(grad_scale, device=device)
+    # 1. sq_norm
+    out_a = torch.zeros((), dtype=torch.float32, device=device)
+    out_b = torch.zeros((), dtype=torch.float64, device=device)
+    be.sq_norm(a["grads1"], a["exp_avg_sqs"], a["steps"], beta2=BETA2, eps=EPS,
+               precondition=precondition, grad_scale=gs_a, out=out_a)
+    REF.sq_norm(b["grads1"], b["exp_avg_sqs"], b["steps"], beta2=BETA2, eps=EPS,
+                precondition=precondition, grad_scale=gs_b, out=out_b)
+    torch.testing.assert_close(out_a.double().cpu(), out_b.cpu(), rtol=1e-6, atol=0)
+    # 2. perturb, from the same float32 N²
+    n2 = out_b.to(torch.float32)
+    ba = [torch.empty_like(p) for p in a["params"]]
+    bb = [torch.empty_like(p) for p in b["params"]]
+    fa, fb = torch.zeros((), device=device), torch.zeros((), device=device)
+    be.perturb(a["params"], a["grads1"], ba, a["exp_avg_sqs"], a["steps"], rho=0.05,
+               norm_sq=n2.clone(), norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+               precondition=precondition, grad_scale=gs_a, found_inf=fa)
+    REF.perturb(b["params"], b["grads1"], bb, b["exp_avg_sqs"], b["steps"], rho=0.05,
+                norm_sq=n2.clone(), norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+                precondition=precondition, grad_scale=gs_b, found_inf=fb)
+    for i in range(len(ba)):
+        assert_bitwise(ba[i], st["params"][i], f"backups[{i}]")  # b <- p, bitwise
+        assert_spec_close(a["params"][i], b["params"][i], f"perturbed params[{i}]")
+    assert float(fa) == 0.0
+    # 3. restore_adamw (from the reference's perturbed params: same inputs)
+    for i in range(len(ba)):
+        a["params"][i].copy_(b["params"][i])
+    be.restore_adamw(a["params"], a["grads2"], ba, a["exp_avgs"], a["exp_avg_sqs"], a["steps"],
+                     lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=wd,
+                     maximize=maximize, grad_scale=gs_a, found_inf=fa)
+    REF.restore_adamw(b["params"], b["grads2"], bb, b["exp_avgs"], b["exp_avg_sqs"], b["steps"],
+                      lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=wd,
+                      maximize=maximize, grad_scale=gs_b, found_inf=fb)
+    assert_states_close(a, b, "restore_adamw")
+    # 4. restore: bitwise
+    saved = [p.clone() for p in a["params"]]
+    for p in a["params"]:
+        p.add_(1)
+    be.restore(a["params"], saved)
+    for i, (p, s) in enumerate(zip(a["params"], saved)):
+        assert_bitwise(p, s, f"restore params[{i}]")
+    return a, b
+
+
+# sizes around the chunk: not multiples of it, empties at the ends and inside
+SHAPES = [(0,), (8,), (33, 17), (CHUNK - 1,), (0, 4), (CHUNK + 1,), (2 * CHUNK + 3,), (3,), (0,)]
+
+
+# ----------------------------------------------------------------------------
+# Every op against the reference
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+@pytest.mark.parametrize("pdtype,gdtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float64), (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+], ids=lambda d: str(d).replace("torch.", ""))
+def test_ops_match_reference(device, precondition, pdtype, gdtype):
+    st = make_state(SHAPES, pdtype, gdtype, device, seed=1)
+    compare_ops(device, st, precondition)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_mixed_dtypes_in_one_call(device, precondition):
+    pd = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32]
+    gd = [torch.bfloat16, torch.float32, torch.float16, torch.float16, torch.bfloat16, torch.float32]
+    shapes = [(100,), (0,), (CHUNK + 5,), (7, 9), (1000,), (5,)]
+    st = make_state(shapes, pd, gd, device, seed=2)
+    compare_ops(device, st, precondition)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_grad_scale_and_maximize_match_reference(device, precondition):
+    st = make_state([(300,), (0,), (CHUNK + 9,)], torch.float32, torch.float32, device, seed=3)
+    compare_ops(device, st, precondition, grad_scale=256.0, maximize=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_ten_steps_within_tolerance(device, precondition):
+    be = native_backend(device)
+    st = make_state([(1000,), (0,), (40, 30)], torch.float32, torch.float32, device, seed=4)
+    a, b = clone_state(st), clone_state(st)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        for k in ("grads1", "grads2"):
+            for ga, gb in zip(a[k], b[k]):
+                g = torch.randn(ga.shape, generator=gen).to(device)
+                ga.copy_(g)
+                gb.copy_(g)
+        na, *_ = sam_step(be, a, precondition=precondition)
+        nb, *_ = sam_step(REF, b, precondition=precondition)
+        torch.testing.assert_close(na.double().cpu(), nb.cpu(), rtol=1e-5, atol=0)
+    assert_states_close(a, b, "after 10 steps", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_full_step_matches_reference(device, precondition):
+    """A whole step, each backend with its own N² (float32 vs float64)."""
+    be = native_backend(device)
+    st = make_state(SHAPES, [torch.float32, torch.bfloat16, torch.float16] * 3, None, device, seed=6)
+    a, b = clone_state(st), clone_state(st)
+    na, pa, _, _ = sam_step(be, a, precondition=precondition)
+    nb, pb, _, _ = sam_step(REF, b, precondition=precondition)
+    torch.testing.assert_close(na.double().cpu(), nb.cpu(), rtol=1e-6, atol=0)
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        assert_spec_close(x, y, f"perturbed[{i}]")
+    assert_states_close(a, b, "full step")
+
+
+# ----------------------------------------------------------------------------
+# A. Empty tensors and many tensors
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_DA1_thousand_empty_tensors_then_one(device, precondition):
+    be = native_backend(device)
+    shapes = [(0,)] * 1000 + [(8,)]
+    st = make_state(shapes, torch.float32, torch.float32, device, seed=7, steps=[2] * 1001)
+    a, b = clone_state(st), clone_state(st)
+    na, _, _, _ = sam_step(be, a, precondition=precondition)
+    nb, _, _, _ = sam_step(REF, b, precondition=precondition)
+    alone = torch.zeros((), dtype=torch.float64, device=device)
+    REF.sq_norm(st["grads1"][-1:], st["exp_avg_sqs"][-1:], st["steps"][-1:], beta2=BETA2, eps=EPS,
+                precondition=precondition, grad_scale=None, out=alone)
+    torch.testing.assert_close(na.double().cpu(), alone.cpu(), rtol=1e-6, atol=0)
+    assert_states_close(a, b, "D-A1")
+    assert all(float(s) == 3.0 for s in a["steps"])  # every step counted, empty or not
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty_first", [False, True])
+@pytest.mark.parametrize("wd,expected", [(0.0, 0.9990000001), (0.01, 0.99899)])
+def test_DA2_exact_values(device, empty_first, wd, expected):
+    be = native_backend(device)
+    shapes = [(0,), (16,)] if empty_first else [(16,), (0,)]
+    for precondition in (False, True):
+        st = make_state(shapes, torch.float32, None, device, steps=[0, 0], p_fill=1.0, g_fill=1.0)
+        for v in st["exp_avgs"] + st["exp_avg_sqs"]:
+            v.zero_()
+        sam_step(be, st, precondition=precondition, lr=1e-3, wd=wd)
+        p = st["params"][1 if empty_first else 0].cpu()
+        torch.testing.assert_close(p, torch.full((16,), expected, dtype=torch.float32),
+                                   rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_tensor_at_every_position(device):
+    base = [(5,), (2 * CHUNK + 3,), (64, 3), (1,)]  # > 2 chunks: the threaded path
+    for pos in range(len(base) + 1):
+        shapes = base[:pos] + [(0,)] + base[pos:]
+        st = make_state(shapes, torch.float32, torch.float32, device, seed=pos)
+        compare_ops(device, st, precondition=pos % 2 == 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_empty_and_no_tensors(device):
+    be = native_backend(device)
+    for shapes in ([], [(0,)], [(0,), (0, 3)]):
+        st = make_state(shapes, torch.float32, torch.float32, device)
+        out = torch.zeros((), device=device)
+        be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
+                   precondition=True, grad_scale=None, out=out)
+        assert float(out) == 0.0
+        fi = torch.zeros((), device=device)
+        be.perturb(st["params"], st["grads1"], [torch.empty_like(p) for p in st["params"]],
+                   None, None, rho=0.05, norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+                   precondition=False, grad_scale=None, found_inf=fi)
+        be.restore_adamw(st["params"], st["grads2"], None, st["exp_avgs"], st["exp_avg_sqs"],
+                         st["steps"], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS,
+                         weight_decay=0.0, maximize=False, grad_scale=None, found_inf=fi)
+        be.restore(st["params"], [p.clone() for p in st["params"]])
+        assert all(float(s) == (i % 4) + 1 for i, s in enumerate(st["steps"]))
+    # a non-finite N² with no tensors at all still marks the step skipped
+    fi = torch.zeros((), device=device)
+    be.perturb([], [], [], None, None, rho=0.05, norm_sq=torch.tensor(float("inf"), device=device),
+               norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None,
+               found_inf=fi)
+    assert float(fi) == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_more_than_thousand_tensors(device, precondition):
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(int(s),) for s in torch.randint(0, 300, (1200,), generator=gen)]
+    shapes[100] = (CHUNK + 11,)
+    dts = [torch.float32, torch.bfloat16, torch.float16]
+    st = make_state(shapes, [dts[i % 3] for i in range(1200)], None, device, seed=9)
+    compare_ops(device, st, precondition)
+
+
+# ----------------------------------------------------------------------------
+# E. Layouts: views at odd offsets, strides, channels_last, transposes
+# ----------------------------------------------------------------------------
+def _views_state(device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(CHUNK + 2000, generator=gen).to(dtype).to(device)
+    params = [buf[1:101], buf[103:353].view(10, 25), buf[357:357], buf[361:361 + CHUNK + 7]]
+    st = make_state([tuple(p.shape) for p in params], dtype, None, device, seed=seed)
+    return buf, params, st
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_at_odd_offsets(device, dtype):
+    be = native_backend(device)
+    buf_a, pa, st = _views_state(device, dtype, 10)
+    buf_b, pb, _ = _views_state(device, dtype, 10)
+    a, b = clone_state(st), clone_state(st)
+    a["params"], b["params"] = pa, pb
+    for precondition in (False, True):
+        sam_step(be, a, precondition=precondition)
+        sam_step(REF, b, precondition=precondition)
+    assert_states_close(a, b, "odd-offset views")
+    # nothing outside the views was touched
+    gen = torch.Generator().manual_seed(10)
+    orig = torch.randn(CHUNK + 2000, generator=gen).to(dtype).to(device)
+    inside = torch.zeros(buf_a.numel(), dtype=torch.bool, device=device)
+    for lo, hi in ((1, 101), (103, 353), (361, 361 + CHUNK + 7)):
+        inside[lo:hi] = True
+    assert_bitwise(buf_a[~inside], orig[~inside], "bytes outside the views")
+
+
+def _run_with_layout(be, device, p_maker, g_maker, precondition, seed=11):
+    """A SAM step on params/grads made by the given layout functions (same values)."""
+    st = make_state([(64, 3, 3, 3), (2, 1, 100)], torch.float32, None, device, seed=seed)
+    st = clone_state(st)
+    st["params"] = [p_maker(p) for p in st["params"]]
+    for k in ("exp_avgs", "exp_avg_sqs"):
+        st[k] = [p_maker(v) for v in st[k]]
+    for k in ("grads1", "grads2"):
+        st[k] = [g_maker(g) for g in st[k]]
+    n2 = torch.tensor(500.0, device=device)  # fixed N²: the perturbation is compared bitwise
+    sam_step(be, st, precondition=precondition, norm_sq=n2)
+    return st
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
+
+
+def _odd_strides(t):
+    """(2,1,100) with strides (100,1,1): the size-1 dim's stride differs from contiguous."""
+    if t.shape == (2, 1, 100):
+        out = torch.empty_strided((2, 1, 100), (100, 1, 1), dtype=t.dtype, device=t.device)
+        return out.copy_(t)
+    return t.clone()
+
+
+def _transposed_copy(t):
+    """The same logical values held in a transposed (last two dims swapped) layout."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+@pytest.mark.parametrize("p_layout,g_layout", [
+    ("contiguous", "channels_last"), ("channels_last", "contiguous"),
+    ("channels_last", "channels_last"), ("contiguous", "odd_strides"),
+    ("odd_strides", "contiguous"), ("transposed", "contiguous"), ("contiguous", "transposed"),
+])
+def test_DE1_layouts_by_logical_index(device, precondition, p_layout, g_layout):
+    be = native_backend(device)
+    makers = {"contiguous": lambda t: t.clone(), "channels_last": _channels_last,
+              "odd_strides": _odd_strides, "transposed": _transposed_copy}
+    ref = _run_with_layout(be, device, makers["contiguous"], makers["contiguous"], precondition)
+    got = _run_with_layout(be, device, makers[p_layout], makers[g_layout], precondition)
+    for k in ("params", "exp_avgs", "exp_avg_sqs"):
+        for i, (x, y) in enumerate(zip(got[k], ref[k])):
+            assert x.stride() == makers[p_layout](y).stride()  # layout kept
+            assert_bitwise(x.contiguous(), y, f"{p_layout}/{g_layout} {k}[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_DE2_transposed_view_param(device):
+    """A .t() view of a (128, 64) weight: correct by logical index."""
+    be = native_backend(device)
+    gen = torch.Generator().manual_seed(12)
+    w_a = torch.randn(128, 64, generator=gen).to(device)
+    w_b = w_a.clone()
+    st = make_state([(64, 128)], torch.float32, None, device, seed=12)
+    a, b = clone_state(st), clone_state(st)
+    a["params"] = [w_a.t()]
+    b["params"] = [w_b.t()]
+    for s in (a, b):  # state in the param's layout, as zeros_like(p) would make it
+        for k in ("exp_avgs", "exp_avg_sqs"):
+            s[k] = [torch.empty_like(s["params"][0]).copy_(v) for v in s[k]]
+    for precondition in (False, True):
+        sam_step(be, a, precondition=precondition)
+        sam_step(REF, b, precondition=precondition)
+    assert_states_close(a, b, "transposed view")
+    assert_spec_close(w_a, w_b, "underlying weight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_dense_param_is_a_clear_error(device):
+    be = native_backend(device)
+    w = torch.randn(16, 32, device=device)
+    params = [torch.randn(4, device=device), w[:, ::2]]
+    grads = [torch.randn_like(p) for p in params]
+    out = torch.zeros((), device=device)
+    with pytest.raises(ValueError, match=r"params\[1\]"):
+        be.perturb(params, grads, [torch.empty_like(p) for p in params], None, None, rho=0.05,
+                   norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=False,
+                   grad_scale=None, found_inf=torch.zeros((), device=device))
+    overlapping = torch.randn(1, device=device).expand(8)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        be.restore([overlapping], [torch.zeros(8, device=device)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_are_clear_errors(device):
+    be = native_backend(device)
+    p = torch.randn(10, device=device)
+    g = torch.randn(10, device=device)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    s = torch.zeros((), device=device)
+    fi = torch.zeros((), device=device)
+    kw = dict(lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0, maximize=False,
+              grad_scale=None)
+    with pytest.raises(TypeError, match="exp_avgs"):
+        be.restore_adamw([p], [g], None, [m.double()], [v], [s], found_inf=fi, **kw)
+    with pytest.raises(TypeError, match="params"):
+        be.restore_adamw([p.int()], [g], None, [m], [v], [s], found_inf=fi, **kw)
+    with pytest.raises(TypeError, match="found_inf"):
+        be.restore_adamw([p], [g], None, [m], [v], [s], found_inf=fi.double(), **kw)
+    with pytest.raises(ValueError, match="shape"):
+        be.restore_adamw([p], [g[:5]], None, [m], [v], [s], found_inf=fi, **kw)
+    with pytest.raises(ValueError, match="sparse"):
+        be.restore_adamw([p], [g.to_sparse()], None, [m], [v], [s], found_inf=fi, **kw)
+    if torch.device(device).type == "cpu" and HAS_CUDA:
+        with pytest.raises(ValueError, match="found_inf"):
+            be.restore_adamw([p], [g], None, [m], [v], [s], found_inf=fi.cuda(), **kw)
+
+
+# ----------------------------------------------------------------------------
+# C. Non-finite values, loss scaling, skipped steps
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+@pytest.mark.parametrize("preset", [True, False], ids=["found_inf=1", "found_by_norm"])
+def test_DC1_skip_leaves_everything_bitwise(device, bad, precondition, preset):
+    be = native_backend(device)
+    st = make_state([(50,), (0,), (CHUNK + 1,)], [torch.float32, torch.float32, torch.bfloat16],
+                    None, device, seed=13, steps=[3, 0, 5])
+    st["grads1"][2][7] = bad
+    st["grads2"][0][3] = bad
+    before = clone_state(st)
+    fi = torch.ones((), device=device) if preset else torch.zeros((), device=device)
+    n, pert, backups, fi = sam_step(be, st, precondition=precondition, found_inf=fi)
+    assert float(fi) == 1.0
+    assert not math.isfinite(float(n))
+    for i in range(3):
+        assert_bitwise(pert[i], before["params"][i], f"perturb skipped params[{i}]")
+        assert_bitwise(backups[i], before["params"][i], f"backups[{i}] still written")
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i in range(3):
+            assert_bitwise(st[k][i], before[k][i], f"skipped {k}[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_DC1_skip_without_backups(device):
+    be = native_backend(device)
+    st = make_state([(50,), (7,)], torch.float32, None, device, seed=14)
+    before = clone_state(st)
+    be.restore_adamw(st["params"], st["grads2"], None, st["exp_avgs"], st["exp_avg_sqs"],
+                     st["steps"], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.1,
+                     maximize=False, grad_scale=None, found_inf=torch.ones((), device=device))
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i in range(2):
+            assert_bitwise(st[k][i], before[k][i], f"{k}[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_DC2_grad_scale_equals_unscaled(device, precondition, gdtype):
+    be = native_backend(device)
+    st = make_state([(300,), (0,), (CHUNK + 9,)], torch.float32, gdtype, device, seed=15)
+    if gdtype == torch.float16:  # keep grad * 1024 finite in fp16
+        for k in ("grads1", "grads2"):
+            st[k] = [(g.float() / 64).to(gdtype) for g in st[k]]
+    scaled, plain, ref = clone_state(st), clone_state(st), clone_state(st)
+    for k in ("grads1", "grads2"):
+        scaled[k] = [g * 1024 for g in scaled[k]]
+    gs = torch.tensor(1024.0, device=device)
+    ns, ps, _, _ = sam_step(be, scaled, precondition=precondition, grad_scale=gs)
+    nu, pu, _, _ = sam_step(be, plain, precondition=precondition)
+    nr, pr, _, _ = sam_step(REF, ref, precondition=precondition)
+    assert_bitwise(ns, nu, "N² scaled vs unscaled")
+    for i in range(3):
+        assert_bitwise(ps[i], pu[i], f"perturbed[{i}]")
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i in range(3):
+            assert_bitwise(scaled[k][i], plain[k][i], f"{k}[{i}]")
+    assert_states_close(scaled, ref, "scaled vs reference")
+
+
+# ----------------------------------------------------------------------------
+# D. Zero grads, fp16 accumulation, low-precision norms
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_DD1_zero_grads(device, precondition):
+    be = native_backend(device)
+    st = make_state([(100,), (0,), (33,)], torch.float32, None, device, p_fill=1.0, g_fill=0.0,
+                    steps=[0, 0, 0])
+    for t in st["exp_avgs"] + st["exp_avg_sqs"]:
+        t.zero_()
+    n, pert, _, fi = sam_step(be, st, precondition=precondition, rho=0.05, lr=1e-3, wd=0.01)
+    assert float(n) == 0.0 and float(fi) == 0.0
+    for i, p in enumerate(pert):
+        assert_bitwise(p, torch.ones_like(p), f"zero perturbation [{i}]")
+    for p in st["params"]:
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.cpu(), torch.full(p.shape, 0.99999), rtol=0, atol=1e-7)
+    # one all-zero grad beside a normal one: the norm is the normal one's alone
+    st = make_state([(100,), (40,)], torch.float32, None, device, seed=16)
+    st["grads1"][0].zero_()
+    n, pert, _, _ = sam_step(be, st, precondition=False)
+    torch.testing.assert_close(float(n), float((st["grads1"][1].double() ** 2).sum()), rtol=1e-6, atol=0)
+    assert torch.isfinite(torch.cat([p.flatten() for p in st["params"]])).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.float16])
+def test_DD2_fp16_norm_accumulation(device, pdtype):
+    be = native_backend(device)
+    st = make_state([(1000,)], pdtype, torch.float16, device, p_fill=0.0, g_fill=10.0, steps=[0])
+    n, pert, _, fi = sam_step(be, st, precondition=False, rho=0.05)
+    assert float(fi) == 0.0
+    assert math.isclose(math.sqrt(float(n)), 316.22777, rel_tol=1e-7)
+    expected = torch.full((1000,), 0.05 * 10.0 / math.sqrt(1000 * 100.0), dtype=torch.float64)
+    if pdtype == torch.float32:
+        torch.testing.assert_close(pert[0].double().cpu(), expected, rtol=1e-6, atol=0)
+        assert math.isclose(float(pert[0][0]), 0.00158114, rel_tol=1e-5)
+    else:
+        assert_spec_close(pert[0].cpu(), expected.to(pdtype), "fp16 perturbation")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_DD3_low_precision_ones_norms(device):
+    be = native_backend(device)
+    for dtype, n, expected in ((torch.bfloat16, 1_000_000, 1000.0), (torch.float16, 65536, 256.0)):
+        out = torch.zeros((), device=device)
+        be.sq_norm([torch.ones(n, dtype=dtype, device=device)], None, None, beta2=BETA2, eps=EPS,
+                   precondition=False, grad_scale=None, out=out)
+        assert math.isclose(math.sqrt(float(out)), expected, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# F. Dtypes
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_DF5_maximize_equals_negated_grad(device):
+    be = native_backend(device)
+    st = make_state([(200,), (0,), (CHUNK + 3,)], [torch.float32, torch.float32, torch.bfloat16],
+                    None, device, seed=17)
+    a, b = clone_state(st), clone_state(st)
+    b["grads2"] = [-g for g in b["grads2"]]
+    sam_step(be, a, precondition=True, maximize=True)
+    sam_step(be, b, precondition=True, maximize=False)
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i in range(3):
+            assert_bitwise(a[k][i], b[k][i], f"{k}[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_are_per_tensor(device):
+    """Each tensor uses its own t for the bias corrections (D-A3, D-G3)."""
+    st = make_state([(64,), (64,), (64,)], torch.float32, None, device, seed=18, steps=[0, 10, 3])
+    compare_ops(device, st, precondition=True)
+    a, b = compare_ops(device, st, precondition=False)
+    assert [float(s) for s in a["steps"]] == [1.0, 11.0, 4.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_roundtrip_and_rounding(device, dtype):
+    """rho = 0 perturbs by exactly 0: every finite 16-bit pattern survives the
+    float round trip bitwise; restore_adamw's rounding matches the reference."""
+    be = native_backend(device)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    p = bits.view(dtype).to(device)
+    p = p[torch.isfinite(p)].contiguous()
+    before, ref = p.clone(), p.clone()
+    g = torch.randn(p.shape, device=device)
+    for backend, q in ((be, p), (REF, ref)):
+        backend.perturb([q], [g], [torch.empty_like(q)], None, None, rho=0.0,
+                        norm_sq=torch.tensor(4.0, device=device), norm_eps=NORM_EPS, beta2=BETA2,
+                        eps=EPS, precondition=False, grad_scale=None,
+                        found_inf=torch.zeros((), device=device))
+    nz = before != 0  # -0 + (+0) is +0 in IEEE arithmetic: signed zeros follow the reference
+    assert_bitwise(p[nz], before[nz], "rho = 0 round trip")
+    assert_bitwise(p, ref, "rho = 0 vs reference")
+    # rounding of the AdamW result to the 16-bit dtype, from the float32 math
+    st = make_state([(50000,)], dtype, None, device, seed=23)
+    compare_ops(device, st, precondition=False)
+
+
+def test_cast_routines_match_torch():
+    """The CPU conversion routines (shared with CUDA via math.h) vs torch's."""
+    import ctypes
+    lib = native.cpu_library()
+    assert lib is not None
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+    gen = torch.Generator().manual_seed(19)
+    all16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, float("inf"),
+                            float("-inf"), 5.96e-8, 2.98e-8, 2.99e-8, 1e-40, 6.1e-5, 3.39e38,
+                            1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+    wide = torch.cat([special, torch.randn(100000, generator=gen) * 10 ** torch.randint(
+        -9, 6, (100000,), generator=gen).float(), all16.view(torch.float16).float(),
+        all16.view(torch.bfloat16).float()])
+    for dt in (torch.float16, torch.bfloat16):
+        # 16-bit -> float32, every pattern
+        src = all16.view(dt).contiguous()
+        dst = torch.empty(src.shape, dtype=torch.float32)
+        assert lib.fsam_cpu_cast(src.data_ptr(), codes[dt], dst.data_ptr(), 0, src.numel()) == 0
+        exp = src.float()
+        same = (dst.view(torch.int32) == exp.view(torch.int32)) | (dst.isnan() & exp.isnan())
+        assert bool(same.all()), f"{dt} -> float32"
+        # float32 -> 16-bit, round to nearest even incl. subnormals and overflow
+        dst16 = torch.empty(wide.shape, dtype=dt)
+        assert lib.fsam_cpu_cast(wide.data_ptr(), 0, dst16.data_ptr(), codes[dt], wide.numel()) == 0
+        exp16 = wide.to(dt)
+        same = (dst16.view(torch.int16) == exp16.view(torch.int16)) | (dst16.isnan() & exp16.isnan())
+        assert bool(same.all()), f"float32 -> {dt}: {wide[~same][:5].tolist()}"
+    nan = torch.tensor([float("nan")])
+    for dt in (torch.float16, torch.bfloat16):
+        d = torch.empty(1, dtype=dt)
+        lib.fsam_cpu_cast(nan.data_ptr(), 0, d.data_ptr(), codes[dt], 1)
+        assert d.isnan().all()
+    del ctypes
+
+
+# ----------------------------------------------------------------------------
+# J. Determinism
+# ----------------------------------------------------------------------------
+def _determinism_run(device, threads=None):
+    be = native_backend(device)
+    if threads is not None:
+        native.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(20)
+    shapes = []
+    for i in range(200):
+        nd = int(torch.randint(1, 4, (1,), generator=gen))
+        shapes.append(tuple(int(x) for x in torch.randint(0, 40, (nd,), generator=gen)))
+    shapes[7] = (3 * CHUNK + 5,)
+    shapes[150] = (2 * CHUNK - 1,)
+    st = make_state(shapes, torch.float32, None, device, seed=21)
+    norms = []
+    for step in range(3):
+        n, *_ = sam_step(be, st, precondition=step > 0)
+        norms.append(n.clone())
+    return norms, st
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_DJ1_determinism(device):
+    n1, s1 = _determinism_run(device)
+    n2, s2 = _determinism_run(device)
+    for a, b in zip(n1, n2):
+        assert_bitwise(a, b, "norms")
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i, (x, y) in enumerate(zip(s1[k], s2[k])):
+            assert_bitwise(x, y, f"{k}[{i}]")
+
+
+def test_DJ1_determinism_across_thread_counts():
+    saved = native.get_num_threads()
+    try:
+        runs = [_determinism_run("cpu", t) for t in (1, 2, 3)]
+    finally:
+        native.set_num_threads(saved)
+    (n0, s0) = runs[0]
+    for n1, s1 in runs[1:]:
+        for a, b in zip(n0, n1):
+            assert_bitwise(a, b, "norms across thread counts")
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+            for i, (x, y) in enumerate(zip(s0[k], s1[k])):
+                assert_bitwise(x, y, f"{k}[{i}] across thread counts")
+
+
+# ----------------------------------------------------------------------------
+# torch.compile, registration, fork safety
+# ----------------------------------------------------------------------------
+def test_cuda_tile_tables_cover_every_element_once():
+    """Host-side check of the CUDA launch tables: emulating the kernels' tile
+    lookup (binary search of chunk_start, as in csrc/cuda) over the table
+    native.py builds covers every element of every tensor exactly once,
+    empty tensors anywhere (runs without a GPU)."""
+    import ctypes
+    import numpy as np
+
+    class Rec(ctypes.Structure):  # fsam_tensor_t of capi.h
+        _fields_ = [(f, ctypes.c_void_p) for f in ("p", "g", "b", "m", "v", "step")] + [
+            ("numel", ctypes.c_int64), ("p_dtype", ctypes.c_int32), ("g_dtype", ctypes.c_int32)]
+
+    assert ctypes.sizeof(Rec) == 64
+    tile = 1000
+    sizes = [0, 5, 0, 0, 2000, 2001, 1, 0, 999, 1000, 0]
+    rec = native._Records(len(sizes))
+    rec.set(6, sizes)
+    rec.dtypes([1] * len(sizes), [2] * len(sizes))
+    r0 = Rec.from_buffer_copy(rec.a[4].tobytes())
+    assert (r0.numel, r0.p_dtype, r0.g_dtype) == (2000, 1, 2)
+    host, n_tiles = native.cuda_host_table(rec.a, tile)
+    n = len(sizes)
+    cs = host[n * 8:]
+    assert len(cs) == n + 1 and n_tiles == sum(-(-s // tile) for s in sizes)
+    seen = [np.zeros(s, dtype=np.int64) for s in sizes]
+    for t in range(n_tiles):
+        lo, hi = 0, n  # find_tensor()
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if cs[mid] <= t:
+                lo = mid
+            else:
+                hi = mid
+        begin = (t - cs[lo]) * tile
+        length = min(tile, host[lo * 8 + 6] - begin)
+        assert length > 0
+        seen[lo][begin:begin + length] += 1
+    assert all((s == 1).all() for s in seen)
+
+
+def test_custom_ops_registered():
+    for name in ("sq_norm", "perturb", "restore_adamw", "restore"):
+        assert hasattr(torch.ops.fsam_kernels, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_treats_ops_as_opaque(device, compile_backend):
+    be = native_backend(device)
+    st = make_state([(100,), (0,), (20, 5)], [torch.bfloat16, torch.float32, torch.float32],
+                    None, device, seed=22)
+    a, b = clone_state(st), clone_state(st)
+
+    def step(s):
+        sam_step(be, s, precondition=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
+    for _ in range(2):
+        compiled(a)
+        step(b)
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+            for i in range(3):
+                assert_bitwise(a[k][i], b[k][i], f"compiled {k}[{i}]")
+
+
+def _child_step(q, g):
+    # Only our kernel runs in the child: torch's own OpenMP pool is not
+    # fork-safe (a large torch op in a forked child can hang by itself).
+    try:
+        out = torch.zeros(())
+        CPUBackend().sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False,
+                             grad_scale=None, out=out)
+        q.put(float(out))
+    except Exception as exc:  # pragma: no cover - reported to the parent
+        q.put(repr(exc))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_pool_survives_fork():
+    be = native_backend("cpu")
+    out = torch.zeros(())
+    g = torch.ones(4 * CHUNK)
+    be.sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None,
+               out=out)  # the worker threads exist in the parent now
+    assert native.get_num_threads() >= 1
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_step, args=(q, g))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung in the CPU kernels")
+    assert q.get(timeout=5) == float(4 * CHUNK)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_DI2_cuda_graph_capture_replays_like_eager(precondition):
+    """One optimizer-side SAM step captured in a CUDA graph (after one eager
+    warm-up step with the same tensors), replayed 5 times, equals 5 eager steps."""
+    be = native_backend("cuda")
+    st = make_state([(1000,), (0,), (CHUNK + 5,), (3, 7)], torch.float32, None, "cuda", seed=30)
+    ref = clone_state(st)
+
+    def make_bufs(s):
+        return ([torch.empty_like(p) for p in s["params"]], torch.zeros((), device="cuda"),
+                torch.zeros((), device="cuda"))
+
+    def step(s, bufs):
+        backups, out, fi = bufs
+        out.zero_()
+        fi.zero_()
+        be.sq_norm(s["grads1"], s["exp_avg_sqs"], s["steps"], beta2=BETA2, eps=EPS,
+                   precondition=precondition, grad_scale=None, out=out)
+        be.perturb(s["params"], s["grads1"], backups, s["exp_avg_sqs"], s["steps"], rho=0.05,
+                   norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+                   precondition=precondition, grad_scale=None, found_inf=fi)
+        be.restore_adamw(s["params"], s["grads2"], backups, s["exp_avgs"], s["exp_avg_sqs"],
+                         s["steps"], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS,
+                         weight_decay=0.01, maximize=False, grad_scale=None, found_inf=fi)
+
+    bufs, ref_bufs = make_bufs(st), make_bufs(ref)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(st, bufs)  # warm-up: builds and uploads the launch tables
+    torch.cuda.current_stream().wait_stream(side)
+    step(ref, ref_bufs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(st, bufs)
+    for _ in range(5):
+        graph.replay()
+        step(ref, ref_bufs)
+    torch.cuda.synchronize()
+    for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        for i in range(4):
+            assert_bitwise(st[k][i], ref[k][i], f"graph vs eager {k}[{i}]")
+    assert float(st["steps"][0]) == 6.0  # t started at 0: warm-up + 5 replays
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_step_never_synchronises():
+    """SPEC §4: no device-to-host read in the step path (first call included)."""
+    be = native_backend("cuda")
+    st = make_state([(1000,), (0,), (CHUNK + 5,)], [torch.float32, torch.bfloat16, torch.float16],
+                    None, "cuda", seed=31)
+    gs = torch.tensor(2.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            sam_step(be, st, precondition=True, grad_scale=gs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# ----------------------------------------------------------------------------
+# B. GPU-large (2^31 + 1 elements): int64 indexing
+# ----------------------------------------------------------------------------
+def _big_gpu():
+    if not HAS_CUDA:
+        return False
+    return torch.cuda.get_device_properties(0).total_memory >= 50 * 2 ** 30
+
+
+@pytest.mark.gpu_large
+@pytest.mark.cuda
+@pytest.mark.skipif(not _big_gpu(), reason="needs a CUDA GPU with >= 50 GiB")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_DB1_two_to_the_31_plus_one_elements(dtype):
+    be = native_backend("cuda")
+    n = 2 ** 31 + 1
+    dev = "cuda"
+    p = torch.ones(n, dtype=dtype, device=dev)
+    g = torch.ones(n, dtype=dtype, device=dev)
+    m = torch.zeros(n, device=dev)
+    v = torch.zeros(n, device=dev)
+    b = torch.empty_like(p)
+    step = torch.zeros((), device=dev)
+    out = torch.zeros((), device=dev)
+    fi = torch.zeros((), device=dev)
+    be.sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None, out=out)
+    assert math.isclose(math.sqrt(float(out)), 46340.950, rel_tol=1e-6)
+    be.perturb([p], [g], [b], None, None, rho=0.05, norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2,
+               eps=EPS, precondition=False, grad_scale=None, found_inf=fi)
+    idx = torch.tensor([0, 2 ** 31 - 1, 2 ** 31, n - 1], device=dev)
+    idx = torch.cat([idx, torch.randint(0, n, (1000,), device=dev)])
+    e = 0.05 / 46340.950
+    torch.testing.assert_close(p[idx].double(), torch.full((idx.numel(),), 1 + e, device=dev,
+                               dtype=torch.float64).to(dtype).double(), rtol=0, atol=1e-6)
+    assert bool((b[idx] == 1).all())
+    del g
+    g2 = torch.ones(n, dtype=dtype, device=dev)
+    be.restore_adamw([p], [g2], [b], [m], [v], [step], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS,
+                     weight_decay=0.0, maximize=False, grad_scale=None, found_inf=fi)
+    expected = torch.tensor(1.0 - 1e-3 * (1 - 1e-8), dtype=torch.float64).to(dtype).double()
+    got = p[idx].double()
+    torch.testing.assert_close(got, expected.expand_as(got).to(dev), rtol=0, atol=1e-7)
+    assert float(step) == 1.0
+    assert float(m[2 ** 31]) == pytest.approx(0.1)
