@@ -354,7 +354,7 @@ def format_table(results: dict) -> str:
 
 def plot(results_list, path: str) -> None:
     """One panel per quantity of :data:`PANELS`, one line per (task,
-    optimizer); text solid, vision dashed."""
+    optimizer); text solid, vision MLP dashed, vision CNN dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,15 +363,18 @@ def plot(results_list, path: str) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     colors = {"adamw": "tab:blue", "sam": "tab:orange", "fsam": "tab:green", "psam": "tab:red",
               "pfsam": "tab:purple"}
-    styles = {"text": "-", "vision": "--"}
+    styles = {"text": "-", "vision": "--", "vision-cnn": ":"}
     for ax, (key, title, log) in zip(axes.flat, PANELS):
         for res in results_list:
             task = res.get("task", "?")
+            model = (res.get("args") or {}).get("model")
+            if task == "vision" and model and model != "mlp":
+                task = f"vision-{model}"
             for name in dict.fromkeys(r["optimizer"] for r in res["records"]):
                 pts = [(r["step"], r.get(key)) for r in res["records"] if r["optimizer"] == name]
                 pts = [(s, v) for s, v in pts if v is not None and math.isfinite(v) and (not log or v > 0)]
                 if pts:
-                    ax.plot(*zip(*pts), styles.get(task, ":"), marker="o", ms=3,
+                    ax.plot(*zip(*pts), styles.get(task, "-."), marker="o", ms=3,
                             color=colors.get(name), label=f"{task} {name}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
