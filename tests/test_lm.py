@@ -167,13 +167,7 @@ def _argv(corpus_dir, out, cache, *extra):
 
 
 def _optimizers():
-    try:
-        import fsam_kernels  # noqa: F401
-
-        fsam_kernels.SAM, fsam_kernels.FunctionalSAM
-        return "adamw,sam,fsam,pfsam"
-    except (ImportError, AttributeError):
-        return "adamw"
+    return "adamw,sam,fsam,psam,pfsam"
 
 
 def _final(out):
@@ -298,3 +292,15 @@ def test_shakespeare_corpus_files():
     assert len(files) == 38
     text = lmdata.strip_markdown(open(files[0], encoding="utf-8").read())
     assert "**" not in text and "#" not in text and len(text) > 50_000
+
+
+def test_fsam_train_diagnose_every(corpus_dir, tmp_path):
+    out = tmp_path / "diag"
+    assert lmtrain.main(_argv(corpus_dir, out, tmp_path / "cache", "--optimizers", "adamw,fsam",
+                              "--steps", "3", "--diagnose-every", "3")) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    diag = [r for r in recs if r["step"] == 3]
+    assert len(diag) == 2 and all("diag_delta_logit_norm" in r for r in recs)
+    for r in diag:
+        assert math.isfinite(r["diag_delta_logit_norm"]) and r["diag_delta_logit_norm"] > 0
+        assert math.isfinite(r["diag_delta_func_norm"]) and r["diag_delta_func_norm"] > 0

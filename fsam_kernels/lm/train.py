@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radius of the preconditioned variants (psam, pfsam)")
     p.add_argument("--backend", default="auto", help="fsam_kernels backend of the SAM-family optimizers")
     p.add_argument("--eval-every", type=int, default=25, help="evaluate (and checkpoint) every K steps")
+    p.add_argument("--diagnose-every", type=int, default=0, metavar="K",
+                   help="every K steps (a multiple of --eval-every) add the logit/functional path "
+                        "decomposition and sharpness of fsam_kernels.diagnostics.diagnose_lm "
+                        "(diag_* keys) to metrics.jsonl, on the first validation batch; 0 = off")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (of --batch-size)")
     p.add_argument("--out", default="runs/lm", help="output directory")
     p.add_argument("--resume", action="store_true",
@@ -275,6 +279,10 @@ def train_one(name: str, seed: int, args, data, val, device, autocast, records_o
                "lr": lr_at(max(step - 1, 0), args), "elapsed_s": round(elapsed, 3),
                "tokens_per_s": round(step * tokens_per_step / elapsed, 1) if elapsed > 0 else None,
                "passes_per_step": passes}
+        if args.diagnose_every and step % args.diagnose_every == 0:
+            from ..diagnostics import diagnose_lm
+
+            rec.update(diagnose_lm(model, opt, *val[0]))
         run_records.append(rec)
         records_out.append(rec)
         loss_sum.zero_()
@@ -427,6 +435,7 @@ def main(argv=None) -> int:
                         ("--batch-size", args.batch_size, args.batch_size >= 1),
                         ("--seq-len", args.seq_len, args.seq_len >= 1),
                         ("--eval-every", args.eval_every, args.eval_every >= 1),
+                        ("--diagnose-every", args.diagnose_every, args.diagnose_every >= 0),
                         ("--eval-batches", args.eval_batches, args.eval_batches >= 1),
                         ("--lr", args.lr, args.lr >= 0), ("--rho", args.rho, args.rho >= 0),
                         ("--prho", args.prho, args.prho >= 0),
