@@ -38,7 +38,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 data: setup
 	@if [ "$(CORPUS)" = english ] && ! dpkg -s $(SWORD_PKGS) >/dev/null 2>&1; then \
-	  echo "installing $(SWORD_PKGS)"; $(SUDO) apt-get install -y $(SWORD_PKGS); fi
+	  echo "installing $(SWORD_PKGS)"; $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(SWORD_PKGS); fi
 	$(PY) -m fsam_kernels.lm.data --prepare --corpus $(CORPUS)
 
 # All five optimizers, 150 steps each of 16 x 128 tokens: 268 s measured on an
