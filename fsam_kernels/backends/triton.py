@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend
+from .layout import is_dense, same_layout
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _GRAD_DTYPES = _PARAM_DTYPES
@@ -99,26 +100,6 @@ def _split(x: float) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------- layout checks
-def _is_dense(t: Tensor) -> bool:
-    """True when ``t`` is non-overlapping and dense (any dimension order)."""
-    if t.numel() <= 1:
-        return True
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    """Same shape and the same strides on every dimension of size > 1."""
-    if a.shape != b.shape:
-        return False
-    return all(sa == sb for sa, sb, sz in zip(a.stride(), b.stride(), a.shape) if sz != 1)
-
-
 def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, strides {tuple(t.stride())}, dtype {t.dtype}"
 
@@ -136,7 +117,7 @@ def _check_param(i: int, p: Tensor, device: torch.device) -> None:
     if p.device != device:
         raise ValueError(f"triton backend: params[{i}] is on {p.device}; expected {device} "
                          f"(one call covers one device)")
-    if p.numel() and not _is_dense(p):
+    if p.numel() and not is_dense(p):
         raise ValueError(f"triton backend: params[{i}] ({_describe(p)}) is not dense and "
                          f"non-overlapping; the fused kernels need a dense parameter "
                          f"(any dimension order)")
@@ -151,7 +132,7 @@ def _check_like(name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> 
                         f"for a {p.dtype} parameter")
     if t.device != p.device:
         raise ValueError(f"triton backend: {name}[{i}] is on {t.device}; expected {p.device}")
-    if not _same_layout(t, p):
+    if not same_layout(t, p):
         raise ValueError(f"triton backend: {name}[{i}] ({_describe(t)}) does not have the "
                          f"layout of its parameter ({_describe(p)}); create it with "
                          f"torch.zeros_like / torch.empty_like(param)")
@@ -194,7 +175,7 @@ def _grad_in_layout(i: int, g: Tensor, like: Tensor) -> Tensor:
                          f"{tuple(like.shape)}")
     if g.device != like.device:
         raise ValueError(f"triton backend: grads[{i}] is on {g.device}; expected {like.device}")
-    if g.numel() == 0 or _same_layout(g, like):
+    if g.numel() == 0 or same_layout(g, like):
         return g
     out = torch.empty_like(like, dtype=g.dtype)  # preserves like's strides (dense)
     out.copy_(g)
@@ -339,7 +320,7 @@ class TritonBackend(Backend):
                     raise TypeError(f"triton backend: exp_avg_sqs[{i}] must be a float32 or "
                                     f"float64 tensor")
                 _check_step(i, steps[i], device)
-                if v.numel() and not _is_dense(v):
+                if v.numel() and not is_dense(v):
                     raise ValueError(f"triton backend: exp_avg_sqs[{i}] ({_describe(v)}) is not "
                                      f"dense and non-overlapping")
                 g = _grad_in_layout(i, g, v)
@@ -347,7 +328,7 @@ class TritonBackend(Backend):
                 if g.dtype not in _GRAD_DTYPES:
                     raise TypeError(f"triton backend: grads[{i}] has dtype {g.dtype}; "
                                     f"expected a floating dtype")
-                if g.numel() and not _is_dense(g):
+                if g.numel() and not is_dense(g):
                     g = g.contiguous()  # Σ g² does not depend on the order
             gs.append(g)
 
