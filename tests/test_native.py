@@ -732,6 +732,78 @@ def test_DJ1_determinism_across_thread_counts():
                 assert_bitwise(x, y, f"{k}[{i}] across thread counts")
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_DJ1_bitwise_across_isa_and_streaming_stores(isa, streaming):
+    """Every instruction-set instance of the CPU kernels, with and without
+    streaming stores, gives bitwise the results of the baseline without them
+    (mixed dtypes, odd offsets, sizes around the chunk, skip and grad_scale)."""
+    saved_isa, saved_nt = native.cpu_isa(), native.get_streaming_min_bytes()
+
+    def run(isa_, nt):
+        native.set_cpu_isa(isa_)
+        native.set_streaming_min_bytes(0 if nt else -1)
+        out = []
+        shapes = [(CHUNK + 3,), (0,), (17,), (2 * CHUNK - 5,), (33, 7)]
+        for pd, gd in ((torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                       (torch.float16, torch.float32), (torch.float64, torch.float64)):
+            for pre, gs in ((False, None), (True, 4.0)):
+                st = make_state(shapes, pd, gd, "cpu", seed=33, steps=[3, 0, 5, 2, 9])
+                # views at odd element offsets: the streaming stores' unaligned heads
+                for k in ("params", "grads1", "grads2", "exp_avgs", "exp_avg_sqs"):
+                    st[k] = [torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view(t.shape)
+                             for t in st[k]]
+                gst = None if gs is None else torch.tensor(gs)
+                res = sam_step(CPUBackend(), st, precondition=pre, grad_scale=gst)
+                out += [res[0]] + list(res[1]) + list(res[2])
+                out += st["params"] + st["exp_avgs"] + st["exp_avg_sqs"] + st["steps"]
+                skip = clone_state(st)
+                sam_step(CPUBackend(), skip, precondition=pre,
+                         found_inf=torch.ones((), dtype=torch.float32))
+                out += skip["params"]
+        return out
+
+    try:
+        expected = run("baseline", False)
+        got = run(isa, streaming)
+    finally:
+        native.set_cpu_isa(None)
+        native.set_streaming_min_bytes(None)
+    assert native.cpu_isa() == saved_isa and native.get_streaming_min_bytes() == saved_nt
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_bitwise(a, b, f"output {i} ({isa}, streaming={streaming})")
+
+
+def test_record_cache_sees_new_dtypes_and_layouts():
+    """The cached record tables are keyed by pointers, numels, dtypes and
+    contiguity: the same tensors' storage seen with another layout or dtype
+    (every pointer unchanged) is not served a stale table."""
+    be, rb = CPUBackend(), ReferenceBackend()
+    gen = torch.Generator().manual_seed(5)
+    S, G, M, V = (torch.zeros(64 * 64) for _ in range(4))
+    st = torch.zeros(())
+    fi = torch.zeros(())
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False,
+              grad_scale=None, found_inf=fi)
+    cases = [
+        (S.view(64, 64), M.view(64, 64), V.view(64, 64)),
+        (S.view(64, 64).t(), M.view(64, 64).t(), V.view(64, 64).t()),
+        (S.view(torch.bfloat16)[: 64 * 64].view(64, 64), M.view(64, 64), V.view(64, 64)),
+        (S.view(64, 64), M.view(64, 64), V.view(64, 64)),
+    ]
+    for p, m, v in cases:
+        p.copy_(torch.randn(64, 64, generator=gen))
+        G.copy_(torch.randn(64 * 64, generator=gen))
+        g = G.view(64, 64)
+        m.zero_(), v.zero_(), st.zero_()
+        ref = [t.clone() for t in (p, m, v, st)]
+        be.restore_adamw([p], [g], None, [m], [v], [st], **kw)
+        rb.restore_adamw([ref[0]], [g], None, [ref[1]], [ref[2]], [ref[3]], **kw)
+        assert_spec_close(p, ref[0], f"param ({p.dtype}, strides {p.stride()})")
+        assert_spec_close(v, ref[2], f"exp_avg_sq ({p.dtype}, strides {p.stride()})")
+
+
 # ----------------------------------------------------------------------------
 # torch.compile, registration, fork safety
 # ----------------------------------------------------------------------------

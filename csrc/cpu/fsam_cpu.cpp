@@ -14,6 +14,13 @@
 #include "fsam/capi.h"
 #include "fsam/math.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#define FSAM_X86 1
+#include <immintrin.h>
+#else
+#define FSAM_X86 0
+#endif
+
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -26,6 +33,8 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -246,88 +255,127 @@ std::vector<double> precond_bc2(const fsam_tensor_t* t, int64_t n, bool precondi
 }
 
 // ------------------------------------------------------------------ kernels
-// 1. sq_norm over one range: float (or double) lanes over 256-element blocks,
-//    each block's lanes summed into the double total in a fixed order.
-template <bool PRE, bool GS, class G, class W>
-double sqnorm_range(const G* __restrict__ g, const W* __restrict__ v, int64_t n, W gs, W bc2, W eps) {
-  constexpr int L = 16, B = 256;
-  double total = 0.0;
-  int64_t i = 0;
-  for (; i + B <= n; i += B) {
-    W acc[L];
-    for (int k = 0; k < L; ++k) acc[k] = 0;
-    for (int j = 0; j < B; j += L) {
-#pragma omp simd
-      for (int k = 0; k < L; ++k) {
-        const int64_t e = i + j + k;
-        W d = fsam::load<W>(g, e);
-        if (GS) d = d / gs;
-        if (PRE) d = fsam::precond_direction<W>(d, v[e], bc2, eps);
-        acc[k] += d * d;
-      }
-    }
-    double s = 0.0;
-    for (int k = 0; k < L; ++k) s += (double)acc[k];
-    total += s;
-  }
-  for (; i < n; ++i) {
-    W d = fsam::load<W>(g, i);
-    if (GS) d = d / gs;
-    if (PRE) d = fsam::precond_direction<W>(d, v[i], bc2, eps);
-    total += (double)(d * d);
-  }
-  return total;
+// The per-range kernels (fsam/cpu_kernels.h), compiled once per instruction
+// set and picked at run time (cpu_isa()): the build's baseline flags
+// (x86-64-v2), AVX2 and AVX-512. The same C++ in each, bitwise the same
+// results; wider vectors matter because the AdamW update (two divisions and
+// a square root per element) is close to compute bound at 128 bits.
+namespace kbase {
+#define FSAM_ISA_ATTR
+#define FSAM_ISA_LEVEL 0
+#include "fsam/cpu_kernels.h"
+#undef FSAM_ISA_ATTR
+#undef FSAM_ISA_LEVEL
+}  // namespace kbase
+#if FSAM_X86
+namespace kavx2 {
+#define FSAM_ISA_ATTR __attribute__((target("avx2,f16c,bmi,bmi2,popcnt")))
+#define FSAM_ISA_LEVEL 1
+#include "fsam/cpu_kernels.h"
+#undef FSAM_ISA_ATTR
+#undef FSAM_ISA_LEVEL
+}  // namespace kavx2
+namespace kavx512 {
+#define FSAM_ISA_ATTR \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,f16c,bmi,bmi2,popcnt,prefer-vector-width=512")))
+#define FSAM_ISA_LEVEL 2
+#include "fsam/cpu_kernels.h"
+#undef FSAM_ISA_ATTR
+#undef FSAM_ISA_LEVEL
+}  // namespace kavx512
+// ISA_CALL(isa, fn<...>(args)): the instance of the chosen instruction set.
+#define ISA_CALL(isa, ...) \
+  ((isa) >= 2 ? kavx512::__VA_ARGS__ : (isa) == 1 ? kavx2::__VA_ARGS__ : kbase::__VA_ARGS__)
+#else
+#define ISA_CALL(isa, ...) ((void)(isa), kbase::__VA_ARGS__)
+#endif
+
+inline void store_fence() {
+#if FSAM_X86
+  _mm_sfence();
+#endif
 }
 
-// 2. perturb over one range: b <- p; p <- p + scale * d
-template <bool PRE, bool GS, class P, class G, class W>
-void perturb_range(P* __restrict__ p, const G* __restrict__ g, P* __restrict__ b,
-                   const W* __restrict__ v, int64_t n, W gs, W bc2, W eps, W scale) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    W d = fsam::load<W>(g, i);
-    if (GS) d = d / gs;
-    if (PRE) d = fsam::precond_direction<W>(d, v[i], bc2, eps);
-    const W pi = fsam::load<W>(p, i);
-    fsam::copy_elem(b, p, i);
-    fsam::store<W>(p, i, fsam::perturbed<W>(pi, d, scale));
-  }
+// Instruction set: 0 baseline, 1 AVX2, 2 AVX-512 (F, VL, BW, DQ); the best the
+// CPU (and OS) supports unless FSAM_CPU_ISA (baseline|avx2|avx512) or
+// fsam_cpu_set_isa() asks for less.
+int detect_isa() {
+#if FSAM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi2"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi2"))
+    return 1;
+#endif
+  return 0;
 }
 
-// 3. restore + AdamW over one range: src is the backup (or p itself)
-template <bool GS, bool MAX, class P, class G, class W>
-void adamw_range(P* __restrict__ p, const P* src, const G* __restrict__ g, W* __restrict__ m,
-                 W* __restrict__ v, int64_t n, W gs, AdamWCoef<W> c) {
-  if (src == p) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      W gi = fsam::load<W>(g, i);
-      if (GS) gi = gi / gs;
-      if (MAX) gi = -gi;
-      W pi = fsam::load<W>(p, i), mi = m[i], vi = v[i];
-      fsam::adamw_update<W>(pi, gi, mi, vi, c);
-      m[i] = mi;
-      v[i] = vi;
-      fsam::store<W>(p, i, pi);
-    }
-  } else {
-    const P* __restrict__ s = src;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      W gi = fsam::load<W>(g, i);
-      if (GS) gi = gi / gs;
-      if (MAX) gi = -gi;
-      W pi = fsam::load<W>(s, i), mi = m[i], vi = v[i];
-      fsam::adamw_update<W>(pi, gi, mi, vi, c);
-      m[i] = mi;
-      v[i] = vi;
-      fsam::store<W>(p, i, pi);
-    }
+int env_isa(int best) {
+  const char* env = std::getenv("FSAM_CPU_ISA");
+  if (env == nullptr || *env == 0) return best;
+  const std::string e(env);
+  const int want = e == "baseline" || e == "0" ? 0 : e == "avx2" || e == "1" ? 1 : 2;
+  return std::min(want, best);
+}
+
+std::atomic<int> g_isa{-1};
+int cpu_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = env_isa(detect_isa());
+    g_isa.store(isa, std::memory_order_relaxed);
   }
+  return isa;
+}
+
+// Streaming stores for the write-only outputs when a call moves at least this
+// many bytes (far beyond the caches: a smaller working set is better left in
+// them for the next operation). FSAM_NT_MIN_BYTES overrides; < 0: never.
+constexpr int64_t kDefaultNtMinBytes = int64_t(32) << 20;
+std::atomic<int64_t> g_nt_min_bytes{INT64_MIN};
+int64_t nt_min_bytes() {
+  int64_t v = g_nt_min_bytes.load(std::memory_order_relaxed);
+  if (v == INT64_MIN) {
+    v = kDefaultNtMinBytes;
+    if (const char* env = std::getenv("FSAM_NT_MIN_BYTES"))
+      if (*env) v = std::atoll(env);
+    g_nt_min_bytes.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+bool use_nt(int64_t bytes) {
+  const int64_t t = nt_min_bytes();
+  return t >= 0 && bytes >= t;
 }
 
 size_t elem_size(int32_t dt) {
   return dt == fsam::kF64 ? 8 : dt == fsam::kF32 ? 4 : 2;
+}
+
+// Bytes a call moves: per element n_p param-dtype, n_g grad-dtype and n_s
+// state (m, v) accesses.
+int64_t call_bytes(const fsam_tensor_t* t, int64_t n, int n_p, int n_g, int n_s) {
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ss = t[i].p_dtype == fsam::kF64 ? 8 : 4;
+    bytes += t[i].numel * (n_p * (int64_t)elem_size(t[i].p_dtype) +
+                           n_g * (int64_t)elem_size(t[i].g_dtype) + n_s * ss);
+  }
+  return bytes;
+}
+
+// dst <- src, bytewise; with streaming stores (and a fence) when nt.
+void copy_bytes(int isa, bool nt, void* dst, const void* src, size_t bytes) {
+  if (!nt) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  ISA_CALL(isa, nt_copy(dst, src, bytes));
+  store_fence();
 }
 
 template <class W>
@@ -362,6 +410,19 @@ int fsam_cpu_get_num_threads(void) {
   return g_num_threads;
 }
 
+int fsam_cpu_get_isa(void) { return cpu_isa(); }
+int fsam_cpu_set_isa(int level) {
+  const int best = detect_isa();
+  const int isa = level < 0 ? env_isa(best) : std::min(level, best);
+  g_isa.store(isa, std::memory_order_relaxed);
+  return isa;
+}
+int64_t fsam_cpu_get_nt_min_bytes(void) { return nt_min_bytes(); }
+void fsam_cpu_set_nt_min_bytes(int64_t bytes) {
+  // -1: never; < -1: the default again (FSAM_NT_MIN_BYTES, else built in)
+  g_nt_min_bytes.store(bytes < -1 ? INT64_MIN : bytes, std::memory_order_relaxed);
+}
+
 int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double beta2,
                      double eps, const float* grad_scale, float* out) {
   try {
@@ -380,6 +441,7 @@ int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double
     int64_t total_elems = 0;
     const std::vector<Chunk> chunks = make_chunks(t, n, &total_elems);
     std::vector<double> partial(chunks.size(), 0.0);
+    const int isa = cpu_isa();
     const float gs32 = grad_scale ? *grad_scale : 1.0f;
     const bool has_gs = grad_scale != nullptr;
     parallel_chunks(chunks, total_elems, [&](int64_t ci) {
@@ -394,10 +456,10 @@ int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double
         const W* v = pre ? (const W*)r.v + c.begin : nullptr;
         const W gs = (W)gs32, b2 = (W)bc2[c.tensor], ep = (W)eps;
         double s;
-        if (pre) s = has_gs ? sqnorm_range<true, true>(g, v, len, gs, b2, ep)
-                            : sqnorm_range<true, false>(g, v, len, gs, b2, ep);
-        else s = has_gs ? sqnorm_range<false, true>(g, v, len, gs, b2, ep)
-                        : sqnorm_range<false, false>(g, v, len, gs, b2, ep);
+        if (pre) s = has_gs ? ISA_CALL(isa, sqnorm_range<true, true>(g, v, len, gs, b2, ep))
+                            : ISA_CALL(isa, sqnorm_range<true, false>(g, v, len, gs, b2, ep));
+        else s = has_gs ? ISA_CALL(isa, sqnorm_range<false, true>(g, v, len, gs, b2, ep))
+                        : ISA_CALL(isa, sqnorm_range<false, false>(g, v, len, gs, b2, ep));
         partial[ci] = s;
       });
     });
@@ -432,13 +494,15 @@ int fsam_cpu_perturb(const fsam_tensor_t* t, int64_t n, int precondition, double
     const std::vector<Chunk> chunks = make_chunks(t, n, &total_elems);
     const float gs32 = grad_scale ? *grad_scale : 1.0f;
     const bool has_gs = grad_scale != nullptr;
+    const int isa = cpu_isa();
+    const bool nt = use_nt(call_bytes(t, n, 3, 1, 0));
     parallel_chunks(chunks, total_elems, [&](int64_t ci) {
       const Chunk& c = chunks[ci];
       const fsam_tensor_t& r = t[c.tensor];
       const int64_t len = c.end - c.begin;
       const size_t es = elem_size(r.p_dtype);
       if (skip) {
-        std::memcpy((char*)r.b + c.begin * es, (const char*)r.p + c.begin * es, len * es);
+        copy_bytes(isa, nt, (char*)r.b + c.begin * es, (const char*)r.p + c.begin * es, len * es);
         return;
       }
       const bool pre = bc2[c.tensor] != 0.0;
@@ -455,12 +519,23 @@ int fsam_cpu_perturb(const fsam_tensor_t* t, int64_t n, int precondition, double
             const G* g = (const G*)r.g + c.begin;
             const W* v = pre ? (const W*)r.v + c.begin : nullptr;
             const W gs = (W)gs32, b2 = (W)bc2[c.tensor], ep = (W)eps, sc = (W)scale32;
-            if (pre) {
-              if (has_gs) perturb_range<true, true>(p, g, b, v, len, gs, b2, ep, sc);
-              else perturb_range<true, false>(p, g, b, v, len, gs, b2, ep, sc);
+            if (nt) {
+              if (pre) {
+                if (has_gs) ISA_CALL(isa, perturb_range<true, true, true>(p, g, b, v, len, gs, b2, ep, sc));
+                else ISA_CALL(isa, perturb_range<true, false, true>(p, g, b, v, len, gs, b2, ep, sc));
+              } else {
+                if (has_gs) ISA_CALL(isa, perturb_range<false, true, true>(p, g, b, v, len, gs, b2, ep, sc));
+                else ISA_CALL(isa, perturb_range<false, false, true>(p, g, b, v, len, gs, b2, ep, sc));
+              }
+              store_fence();
             } else {
-              if (has_gs) perturb_range<false, true>(p, g, b, v, len, gs, b2, ep, sc);
-              else perturb_range<false, false>(p, g, b, v, len, gs, b2, ep, sc);
+              if (pre) {
+                if (has_gs) ISA_CALL(isa, perturb_range<true, true, false>(p, g, b, v, len, gs, b2, ep, sc));
+                else ISA_CALL(isa, perturb_range<true, false, false>(p, g, b, v, len, gs, b2, ep, sc));
+              } else {
+                if (has_gs) ISA_CALL(isa, perturb_range<false, true, false>(p, g, b, v, len, gs, b2, ep, sc));
+                else ISA_CALL(isa, perturb_range<false, false, false>(p, g, b, v, len, gs, b2, ep, sc));
+              }
             }
           }
         });
@@ -490,12 +565,16 @@ int fsam_cpu_restore_adamw(const fsam_tensor_t* t, int64_t n, int has_backup, do
     if (!skip)
       for (int64_t i = 0; i < n; ++i) {
         const float t_new = *t[i].step + 1.0f;  // step_t += 1 in float32
-        coef[i] = fsam::adamw_coef<double>((double)t_new, lr, beta1, beta2, eps, weight_decay);
+        // the steps of a group are usually equal: reuse the previous tensor's
+        if (i > 0 && t_new == *t[i - 1].step + 1.0f) coef[i] = coef[i - 1];
+        else coef[i] = fsam::adamw_coef<double>((double)t_new, lr, beta1, beta2, eps, weight_decay);
       }
     int64_t total_elems = 0;
     const std::vector<Chunk> chunks = make_chunks(t, n, &total_elems);
     const float gs32 = grad_scale ? *grad_scale : 1.0f;
     const bool has_gs = grad_scale != nullptr;
+    const int isa = cpu_isa();
+    const bool nt = has_backup && use_nt(call_bytes(t, n, 2, 1, 4));
     parallel_chunks(chunks, total_elems, [&](int64_t ci) {
       const Chunk& c = chunks[ci];
       const fsam_tensor_t& r = t[c.tensor];
@@ -503,7 +582,7 @@ int fsam_cpu_restore_adamw(const fsam_tensor_t* t, int64_t n, int has_backup, do
       if (skip) {
         if (has_backup) {
           const size_t es = elem_size(r.p_dtype);
-          std::memcpy((char*)r.p + c.begin * es, (const char*)r.b + c.begin * es, len * es);
+          copy_bytes(isa, nt, (char*)r.p + c.begin * es, (const char*)r.b + c.begin * es, len * es);
         }
         return;
       }
@@ -522,12 +601,23 @@ int fsam_cpu_restore_adamw(const fsam_tensor_t* t, int64_t n, int has_backup, do
             W* v = (W*)r.v + c.begin;
             const W gs = (W)gs32;
             const AdamWCoef<W> cw = cast_coef<W>(coef[c.tensor]);
-            if (has_gs) {
-              if (maximize) adamw_range<true, true>(p, src, g, m, v, len, gs, cw);
-              else adamw_range<true, false>(p, src, g, m, v, len, gs, cw);
+            if (nt) {
+              if (has_gs) {
+                if (maximize) ISA_CALL(isa, adamw_range<true, true, true>(p, src, g, m, v, len, gs, cw));
+                else ISA_CALL(isa, adamw_range<true, false, true>(p, src, g, m, v, len, gs, cw));
+              } else {
+                if (maximize) ISA_CALL(isa, adamw_range<false, true, true>(p, src, g, m, v, len, gs, cw));
+                else ISA_CALL(isa, adamw_range<false, false, true>(p, src, g, m, v, len, gs, cw));
+              }
+              store_fence();
             } else {
-              if (maximize) adamw_range<false, true>(p, src, g, m, v, len, gs, cw);
-              else adamw_range<false, false>(p, src, g, m, v, len, gs, cw);
+              if (has_gs) {
+                if (maximize) ISA_CALL(isa, adamw_range<true, true, false>(p, src, g, m, v, len, gs, cw));
+                else ISA_CALL(isa, adamw_range<true, false, false>(p, src, g, m, v, len, gs, cw));
+              } else {
+                if (maximize) ISA_CALL(isa, adamw_range<false, true, false>(p, src, g, m, v, len, gs, cw));
+                else ISA_CALL(isa, adamw_range<false, false, false>(p, src, g, m, v, len, gs, cw));
+              }
             }
           }
         });
@@ -550,11 +640,14 @@ int fsam_cpu_restore(const fsam_tensor_t* t, int64_t n) {
     }
     int64_t total_elems = 0;
     const std::vector<Chunk> chunks = make_chunks(t, n, &total_elems);
+    const int isa = cpu_isa();
+    const bool nt = use_nt(call_bytes(t, n, 2, 0, 0));
     parallel_chunks(chunks, total_elems, [&](int64_t ci) {
       const Chunk& c = chunks[ci];
       const fsam_tensor_t& r = t[c.tensor];
       const size_t es = elem_size(r.p_dtype);
-      std::memcpy((char*)r.p + c.begin * es, (const char*)r.b + c.begin * es, (c.end - c.begin) * es);
+      copy_bytes(isa, nt, (char*)r.p + c.begin * es, (const char*)r.b + c.begin * es,
+                 (c.end - c.begin) * es);
     });
     return 0;
   } catch (const std::exception& e) {

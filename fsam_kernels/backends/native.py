@@ -35,7 +35,10 @@ Tensor handling (for every operation):
 
 Environment: ``FSAM_LIB_DIR`` overrides the directory the libraries are
 loaded from; ``FSAM_NUM_THREADS`` sets the CPU thread count (default:
-``torch.get_num_threads()``), see also :func:`set_num_threads`.
+``torch.get_num_threads()``), see also :func:`set_num_threads`;
+``FSAM_CPU_ISA`` (baseline|avx2|avx512) caps the CPU kernels' instruction set
+(:func:`set_cpu_isa`); ``FSAM_NT_MIN_BYTES`` the call size from which they use
+streaming stores (:func:`set_streaming_min_bytes`). Neither changes results.
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ from torch import Tensor
 
 from .base import Backend
 
-__all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads",
+__all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "cpu_isa",
+           "set_cpu_isa", "set_streaming_min_bytes", "get_streaming_min_bytes",
            "cpu_library", "cuda_library", "library_dir"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -85,6 +89,12 @@ def _declare_cpu(lib):
     lib.fsam_cpu_set_num_threads.argtypes = [_INT]
     lib.fsam_cpu_set_num_threads.restype = None
     lib.fsam_cpu_get_num_threads.restype = _INT
+    lib.fsam_cpu_get_isa.restype = _INT
+    lib.fsam_cpu_set_isa.argtypes = [_INT]
+    lib.fsam_cpu_set_isa.restype = _INT
+    lib.fsam_cpu_get_nt_min_bytes.restype = _I64
+    lib.fsam_cpu_set_nt_min_bytes.argtypes = [_I64]
+    lib.fsam_cpu_set_nt_min_bytes.restype = None
     lib.fsam_cpu_sq_norm.argtypes = [_P, _I64, _INT, _D, _D, _P, _P]
     lib.fsam_cpu_perturb.argtypes = [_P, _I64, _INT, _D, _P, _D, _D, _D, _P, _P]
     lib.fsam_cpu_restore_adamw.argtypes = [_P, _I64, _INT, _D, _D, _D, _D, _D, _INT, _P, _P]
@@ -179,6 +189,37 @@ def get_num_threads() -> int:
     if lib is None:
         raise RuntimeError(f"fsam_kernels cpu library unavailable: {_cpu.error}")
     return int(lib.fsam_cpu_get_num_threads())
+
+
+_ISA_NAMES = ("baseline", "avx2", "avx512")
+
+
+def cpu_isa() -> str:
+    """Instruction set the CPU kernels run with: "baseline", "avx2" or "avx512"."""
+    lib = _cpu_lib_or_raise()
+    return _ISA_NAMES[int(lib.fsam_cpu_get_isa())]
+
+
+def set_cpu_isa(isa: Optional[str]) -> str:
+    """Cap the CPU kernels' instruction set ("baseline", "avx2", "avx512"; None:
+    the default, the best the CPU has unless ``$FSAM_CPU_ISA`` caps it).
+    Results are bitwise the same at every level. Returns the level in effect."""
+    lib = _cpu_lib_or_raise()
+    level = -1 if isa is None else _ISA_NAMES.index(isa)
+    return _ISA_NAMES[int(lib.fsam_cpu_set_isa(level))]
+
+
+def get_streaming_min_bytes() -> int:
+    """Calls moving at least this many bytes write their write-only outputs (the
+    backup in perturb, the parameter in restore_adamw) with streaming stores;
+    -1: never."""
+    return int(_cpu_lib_or_raise().fsam_cpu_get_nt_min_bytes())
+
+
+def set_streaming_min_bytes(n: Optional[int]) -> None:
+    """See :func:`get_streaming_min_bytes` (None: the default, 32 MiB or
+    ``$FSAM_NT_MIN_BYTES``). Results do not depend on it."""
+    _cpu_lib_or_raise().fsam_cpu_set_nt_min_bytes(-2 if n is None else max(-1, int(n)))
 
 
 def _check_rc(rc: int, lib, prefix: str):
@@ -437,9 +478,53 @@ def _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_step
         return None
 
 
+# Record tables of the fast path, cached by what they depend on: every
+# tensor's data pointer and contiguity, the numels of the first list (the
+# others must match it), the dtypes of the first list and of `typed` (the
+# remaining lists' dtypes follow from those on the fast path). A steady-state
+# step with the same tensors then costs two attribute reads per tensor instead
+# of the fast path's five, with the same table (no host synchronisation).
+# Only fast-path tables are cached (no temporaries).
+_REC_CACHE: "OrderedDict[tuple, _Records]" = OrderedDict()
+_REC_CACHE_CAP = 64
+_rec_lock = threading.Lock()
+
+
+def _rec_key(kind, first, typed, lists):
+    try:
+        n = len(first)
+        key = [kind, first[0].get_device() if n else None, tuple(map(_numel, first)),
+               tuple(map(_dtype_of, first)), None if typed is None else tuple(map(_dtype_of, typed))]
+        for lst in lists:
+            if lst is None:
+                key.append(None)
+            elif len(lst) != n or not all(map(_is_contig, lst)):
+                return None  # not the fast path's
+            else:
+                key.append(tuple(map(_data_ptr, lst)))
+        return tuple(key)
+    except Exception:  # tensors without storage etc.: no caching
+        return None
+
+
+def _rec_cache_put(key, rec):
+    with _rec_lock:
+        _REC_CACHE[key] = rec
+        while len(_REC_CACHE) > _REC_CACHE_CAP:
+            _REC_CACHE.popitem(last=False)
+
+
 def _records_sq_norm(grads, exp_avg_sqs, steps, precondition, op="sq_norm"):
+    key = _rec_key(("sq_norm", bool(precondition)), grads, exp_avg_sqs if precondition else None,
+                   (grads, exp_avg_sqs, steps) if precondition else (grads,))
+    if key is not None:
+        hit = _REC_CACHE.get(key)
+        if hit is not None:
+            return hit
     fast = _fast_sq_norm(grads, exp_avg_sqs, steps, precondition)
     if fast is not None:
+        if key is not None:
+            _rec_cache_put(key, fast)
         return fast
     n = len(grads)
     r = _Records(n)
@@ -485,8 +570,16 @@ def _records_sq_norm(grads, exp_avg_sqs, steps, precondition, op="sq_norm"):
 
 def _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_steps):
     """Records for perturb / restore_adamw / restore (grads None for restore)."""
+    key = _rec_key(("update", bool(need_steps)), params, grads,
+                   (params, grads, backups, exp_avgs, exp_avg_sqs, steps if need_steps else None))
+    if key is not None:
+        hit = _REC_CACHE.get(key)
+        if hit is not None:
+            return hit
     fast = _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs, steps, need_steps)
     if fast is not None:
+        if key is not None:
+            _rec_cache_put(key, fast)
         return fast
     n = len(params)
     r = _Records(n)

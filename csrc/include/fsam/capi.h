@@ -65,6 +65,18 @@ FSAM_API const char* fsam_cpu_last_error(void);
 FSAM_API int64_t fsam_cpu_chunk_size(void);
 FSAM_API void fsam_cpu_set_num_threads(int n);   /* n <= 0: the machine's CPU count */
 FSAM_API int fsam_cpu_get_num_threads(void);
+/* instruction set of the kernels: 0 baseline (the build's flags), 1 AVX2,
+ * 2 AVX-512. Default: the best the CPU supports, capped by $FSAM_CPU_ISA
+ * (baseline|avx2|avx512). set: level < 0 restores the default; a level the CPU
+ * lacks is capped; returns the level in effect. Results are bitwise the same
+ * at every level. */
+FSAM_API int fsam_cpu_get_isa(void);
+FSAM_API int fsam_cpu_set_isa(int level);
+/* streaming (non-temporal) stores for write-only outputs in calls moving at
+ * least this many bytes (default 32 MiB, or $FSAM_NT_MIN_BYTES); -1: never;
+ * set with a value < -1 restores the default. Results do not depend on it. */
+FSAM_API int64_t fsam_cpu_get_nt_min_bytes(void);
+FSAM_API void fsam_cpu_set_nt_min_bytes(int64_t bytes);
 
 /* 1. out += sum_i sum d_i^2 (SPEC §1), accumulated per chunk in double,
  *    chunks summed in a fixed order (independent of the thread count).
