@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend
+from .layout import is_dense, same_layout
 
 __all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "cpu_isa",
            "set_cpu_isa", "set_streaming_min_bytes", "get_streaming_min_bytes",
@@ -232,31 +233,6 @@ def _check_rc(rc: int, lib, prefix: str):
 # ----------------------------------------------------------------------------
 # Argument preparation: layouts, dtypes, the record table
 # ----------------------------------------------------------------------------
-def _strides_key(t: Tensor):
-    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz != 1)
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: strides are a permutation of contiguous ones."""
-    if t.is_contiguous():
-        return True
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.is_contiguous() and b.is_contiguous():
-        return True
-    return _strides_key(a) == _strides_key(b)
-
-
 def _code(t: Tensor, what: str, i: int) -> int:
     c = _DTYPE_CODE.get(t.dtype)
     if c is None:
@@ -272,7 +248,7 @@ def _check_param(p: Tensor, i: int, op: str, device: torch.device) -> int:
     c = _code(p, "params", i)
     if p.is_sparse or p.layout != torch.strided:
         raise ValueError(f"{op}: params[{i}] has layout {p.layout}; expected torch.strided")
-    if p.numel() and not _is_dense(p):
+    if p.numel() and not is_dense(p):
         raise ValueError(
             f"{op}: params[{i}] (shape {tuple(p.shape)}, strides {tuple(p.stride())}) is an "
             f"overlapping or non-dense view; the native kernels need a dense, non-overlapping "
@@ -288,7 +264,7 @@ def _check_like(t: Tensor, p: Tensor, what: str, i: int, op: str, dtype=None):
     if t.shape != p.shape:
         raise ValueError(f"{op}: {what}[{i}] has shape {tuple(t.shape)}, expected "
                          f"{tuple(p.shape)} (the parameter's)")
-    if p.numel() and not _same_layout(t, p):
+    if p.numel() and not same_layout(t, p):
         raise ValueError(f"{op}: {what}[{i}] has strides {tuple(t.stride())} but params[{i}] has "
                          f"{tuple(p.stride())}; state and backups must share the parameter's "
                          f"layout (create them with zeros_like/empty_like)")
@@ -313,7 +289,7 @@ def _prep_grad(g: Tensor, like: Tensor, want64: bool, i: int, op: str) -> Tensor
         g = g.to(torch.float64)
     elif not want64 and g.dtype == torch.float64:
         g = g.to(torch.float32)
-    if g.numel() and not (_is_dense(g) and _same_layout(g, like)):
+    if g.numel() and not (is_dense(g) and same_layout(g, like)):
         g2 = torch.empty_like(like, dtype=g.dtype)  # preserve_format: like's strides
         g2.copy_(g)
         g = g2
@@ -540,7 +516,7 @@ def _records_sq_norm(grads, exp_avg_sqs, steps, precondition, op="sq_norm"):
                                 f"(float64 for float64 parameters)")
             if v.device != device:
                 raise ValueError(f"{op}: exp_avg_sqs[{i}] is on {v.device}, expected {device}")
-            if v.numel() and not _is_dense(v):
+            if v.numel() and not is_dense(v):
                 raise ValueError(f"{op}: exp_avg_sqs[{i}] is not dense")
             w64 = v.dtype == torch.float64
             g = _prep_grad(g, v, w64, i, op)
@@ -552,7 +528,7 @@ def _records_sq_norm(grads, exp_avg_sqs, steps, precondition, op="sq_norm"):
                 raise ValueError(f"{op}: grads[{i}] has layout {g.layout}; sparse grads are not "
                                  f"supported")
             w64 = g.dtype == torch.float64
-            if g.numel() and not _is_dense(g):  # the sum of squares needs no particular order
+            if g.numel() and not is_dense(g):  # the sum of squares needs no particular order
                 g = g.contiguous()
         gs_.append(g)
         wcodes.append(_F64 if w64 else 0)
