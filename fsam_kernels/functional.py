@@ -121,6 +121,11 @@ class CotangentRecorder:
         self._slots.append(slot)
         return output
 
+    def received(self) -> bool:
+        """True when the newest record received a gradient (its backward ran
+        and the loss depends on at least one of the captured outputs)."""
+        return bool(self._slots) and any(c is not None for c in self._slots[-1].cotangents)
+
     def pop(self) -> Tuple[List[str], List[Optional[Tensor]]]:
         """Remove and return the oldest record: (keys, cotangents)."""
         if not self._slots:

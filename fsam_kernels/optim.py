@@ -49,6 +49,8 @@ from .functional import differentiable_items, flatten_output
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
 _NORM_EPS = 1e-12
+#: per-parameter state keys of the AdamW-based optimizers (torch.optim.AdamW names)
+_STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
 _UNSET = object()         # "not given": lets base_optimizer users pass lr/eps/... to the base
 _ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False)
@@ -241,6 +243,9 @@ class _SAMBase(torch.optim.Optimizer):
         self._perturbed = None
         self._found_inf: Dict[torch.device, Tensor] = {}
         self.last_step_skipped = None
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params: a set has no order (the state_dict depends on it); "
+                            "pass a list, e.g. list(model.parameters())")
         super().__init__(params, defaults)
         if base_optimizer is not None:
             base = base_optimizer(self.param_groups, **given, **base_kwargs)
@@ -315,6 +320,9 @@ class _SAMBase(torch.optim.Optimizer):
                     f"params: group {idx} item {i} (shape {tuple(p.shape)}) appears more than "
                     "once in the optimizer's parameters; each parameter may be given only once")
             seen.add(id(p))
+            if p.layout != torch.strided:
+                raise TypeError(f"params: group {idx} item {i} has layout {p.layout}; "
+                                "only dense (strided) parameters are supported")
             if not p.is_floating_point():
                 if p.is_complex():
                     raise TypeError(
@@ -566,7 +574,16 @@ class _SAMBase(torch.optim.Optimizer):
         return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
 
     def _pass2_params(self) -> List[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """Parameters with a pass-2 grad, every grad checked (sparse, shape)
+        before anything is changed, so a bad grad leaves the step pending and
+        θ + e, state and flags untouched (``restore()`` then undoes it)."""
+        out = []
+        for gi, g in enumerate(self.param_groups):
+            for i, p in enumerate(g["params"]):
+                if p.grad is not None:
+                    self._check_grad(p, gi, i, "pass-2")
+                    out.append(p)
+        return out
 
     def _mark_non_finite(self, params: List[Tensor], inv_scale: Optional[Dict] = None) -> None:
         """found_inf |= any grad not finite; multiplies the grads by ``inv_scale[d]``
@@ -628,11 +645,11 @@ class _SAMBase(torch.optim.Optimizer):
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
+        params2 = self._pass2_params()
         for d in self._devices():
             f = self._flag(d)
             if found_inf is not None:
                 f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
-        params2 = self._pass2_params()
         if self._base_mode:
             self._second_step_base(perturbed, params2, grad_scale)
         else:
@@ -660,7 +677,6 @@ class _SAMBase(torch.optim.Optimizer):
             with_grad, without = [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    self._check_grad(p, gi, i, "pass-2")
                     with_grad.append(p)
                 elif id(p) in pset:
                     without.append(p)
@@ -687,10 +703,6 @@ class _SAMBase(torch.optim.Optimizer):
     def _second_step_base(self, perturbed, params2, grad_scale) -> None:
         """Restore θ, unscale (and clip) ĝ in place, then the base optimizer's own
         step, skipped when a flag is set: the one host read of this path."""
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self._check_grad(p, gi, i, "pass-2")
         for plist in perturbed:
             for d, ps in self._by_device([(p,) for p in plist]).items():
                 ps = [p for (p,) in ps]
@@ -751,7 +763,9 @@ class _SAMBase(torch.optim.Optimizer):
         if not loss.requires_grad:
             raise ValueError(f"closure: the loss returned in {which} does not depend on any "
                              "parameter (it does not require grad)")
-        flatten_output(output, argname="closure output")
+        # the model output must depend on the parameters (Functional-SAM
+        # back-propagates it; SAM checks it too so the convention is one)
+        differentiable_items(output, argname="closure output")
         return output, loss
 
     def step(self, closure: Optional[Callable[[], Tuple[Any, Tensor]]] = None, *,
@@ -793,6 +807,9 @@ class _SAMBase(torch.optim.Optimizer):
                 f"closure: {type(self).__name__}.step needs a closure returning (output, loss); "
                 "for a hand-written loop call first_step() after pass 1 and second_step() "
                 "after pass 2")
+        if not callable(closure):
+            raise TypeError(f"closure: expected a callable returning (output, loss), got "
+                            f"{type(closure).__name__}")
         if self._perturbed is not None:
             raise RuntimeError("step: a first_step() is pending; call second_step() or restore()")
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
@@ -902,8 +919,18 @@ class _SAMBase(torch.optim.Optimizer):
             if k not in id_map:
                 continue
             p = id_map[k]
+            if not isinstance(st, dict) or set(st) != _STATE_KEYS:
+                got = sorted(st) if isinstance(st, dict) else type(st).__name__
+                raise ValueError(
+                    f"state_dict: state of parameter {k} has keys {got}, expected "
+                    f"{sorted(_STATE_KEYS)} (an AdamW-based SAM state; for another base "
+                    "optimizer's state construct the optimizer with base_optimizer=)")
             ns = {}
             for key, val in st.items():
+                if key != "step" and not (isinstance(val, Tensor) and val.is_floating_point()):
+                    raise ValueError(
+                        f"state_dict: state {key!r} of parameter {k} must be a real floating-point "
+                        f"tensor, got {val.dtype if isinstance(val, Tensor) else type(val).__name__}")
                 if key == "step":
                     ns[key] = (val.detach().clone() if isinstance(val, Tensor) else torch.tensor(float(val))
                                ).to(device=p.device, dtype=torch.float32).reshape(())
@@ -1007,6 +1034,11 @@ class FunctionalSAM(_SAMBase):
         except ValueError as exc:
             raise ValueError(f"closure: {exc}") from None
         loss.backward()
+        if not rec.received():
+            raise ValueError(
+                "closure: the loss returned in pass 1 does not depend on the returned output "
+                "(no gradient reached it); Functional-SAM back-propagates the output with "
+                "c0 = d loss / d output, so return the output the loss is computed from")
         return rec
 
     def _pass2_backward(self, output, loss, rec):

@@ -402,3 +402,58 @@ def test_second_gradient_tiny_transformer(cls):
     for p, w in zip(params, want):
         torch.testing.assert_close(spy.seen[p], w, rtol=1e-9, atol=1e-12)
     assert any((w - o).abs().max() > 1e-8 for w, o in zip(want, other))
+
+
+def test_bad_pass2_grad_changes_nothing():
+    # a wrong pass-2 grad is caught before any group is restored or updated
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7))
+    opt = SAM([{"params": [a]}, {"params": [b]}], lr=0.1, rho=0.2, backend="reference")
+    theta = [a.detach().clone(), b.detach().clone()]
+    a.grad, b.grad = torch.randn(5), torch.randn(7)
+    opt.first_step()
+    perturbed = [a.detach().clone(), b.detach().clone()]
+    a.grad, b.grad = torch.randn(5), torch.randn(7).to_sparse()
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\] param 0: pass-2 gradient is sparse"):
+        opt.second_step()
+    assert torch.equal(a.detach(), perturbed[0]) and torch.equal(b.detach(), perturbed[1])
+    assert all(len(opt.state.get(p, {})) == 0 for p in (a, b))
+    opt.restore()
+    assert torch.equal(a.detach(), theta[0]) and torch.equal(b.detach(), theta[1])
+
+
+def test_load_state_dict_rejects_foreign_state():
+    p = nn.Parameter(torch.randn(4))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(4)
+    sgd.step()
+    opt = SAM([p], backend="reference")
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        opt.load_state_dict(sgd.state_dict())
+    good = SAM([p], backend="reference")
+    good.step(lambda: (p * 1.0, p.square().sum()))
+    sd = copy.deepcopy(good.state_dict())
+    del sd["state"][0]["exp_avg"]
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(good.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.complex64)
+    with pytest.raises(ValueError, match="real floating-point"):
+        opt.load_state_dict(sd)
+    assert len(opt.state) == 0       # a refused load leaves the optimizer as it was
+
+
+def test_more_bad_input():
+    p = nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="params: a set"):
+        SAM({p})
+    with pytest.raises(TypeError, match="layout"):
+        SAM([torch.sparse_coo_tensor([[0]], [1.0], (3,)).requires_grad_()])
+    opt = SAM([p], backend="reference")
+    with pytest.raises(TypeError, match="closure: expected a callable"):
+        opt.step(5)
+    with pytest.raises(ValueError, match="does not depend"):
+        opt.step(lambda: (p.detach() * 1.0, p.sum()))        # SAM checks the output too
+    f = FunctionalSAM([p], backend="reference")
+    with pytest.raises(ValueError, match="does not depend on the returned output"):
+        f.step(lambda: (p * 2.0, p.square().sum()))            # loss not computed from output
+    assert torch.equal(p.detach(), torch.ones(3)) and f._perturbed is None
