@@ -1,6 +1,6 @@
 """Every fused backend against the reference backend (SPEC §5), optimizer level.
 
-Covers the cases of shared/cases/CASES.md that apply at the optimizer level:
+Covers the cases of docs/CASES.md that apply at the optimizer level:
 empty tensors, grads None in either pass, all-zero grads, mixed dtypes,
 non-contiguous grads, state_dict round trip with bitwise continuation,
 found_inf skip, grad_scale parity.

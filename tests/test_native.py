@@ -3,7 +3,7 @@
 Tolerances are SPEC §5: float32 rtol 1e-6 / atol 1e-7 after one step (1e-5
 after ten), bfloat16/float16 within one ulp of the parameter dtype, restores
 and skipped steps bitwise, two runs bitwise identical. Case names (D-A1 ...)
-are those of shared/cases/CASES.md section A. Every test runs on "cpu" and,
+are those of docs/CASES.md section A. Every test runs on "cpu" and,
 where a CUDA device is present, on "cuda"; the GPU-large cases are marked
 ``gpu_large`` and skipped without a GPU of >= 50 GiB.
 """
