@@ -26,8 +26,9 @@ The measurement uses the model in eval mode (no dropout in these models
 anyway) and does not change the parameters, the optimizer state or the
 training RNG, so a run's training trajectory is the same with or without it.
 Output: ``--out-json`` (``{"task", "args", "records", "final"}``; one record per
-optimizer and measured step) and ``--plot`` (a PNG, one panel per quantity,
-one line per optimizer).
+optimizer and measured step; default ``runs/diagnostics/diagnostics-<task>.json``)
+and ``--plot`` (a PNG, one panel per quantity, one line per optimizer; default
+next to ``--out-json``).
 
 ``checkpoint`` loads ``fsam-train`` checkpoints (model + optimizer state),
 rebuilds the model and the validation data from the arguments stored in the
@@ -61,6 +62,9 @@ PANELS = [
     ("loss", "held-out loss", False),
 ]
 
+#: where text/vision/checkpoint write their results unless --out-json is given
+DEFAULT_OUT_DIR = os.path.join("runs", "diagnostics")
+
 TABLE_KEYS = ("loss", "delta_logit_norm", "delta_func_norm", "ratio", "cross_norm", "cross_rel",
               "cos_logit", "cos_func", "p_ratio", "lambda_max", "trace")
 
@@ -91,7 +95,8 @@ def _common(p: argparse.ArgumentParser, steps: int, every: int, lr: float, batch
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out-json", default=None, help="results JSON (default diagnostics-<task>.json)")
+    p.add_argument("--out-json", default=None,
+                   help=f"results JSON (default {DEFAULT_OUT_DIR}/diagnostics-<task>.json)")
     p.add_argument("--plot", default=None, help="plot PNG (default: next to --out-json)")
 
 
@@ -122,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences in the measurement batch (default the run's --batch-size)")
     c.add_argument("--cache-dir", default=None, help="token cache directory (as fsam-train)")
     c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--out-json", default="diagnostics-checkpoints.json")
+    c.add_argument("--out-json", default=os.path.join(DEFAULT_OUT_DIR, "diagnostics-checkpoints.json"),
+                   help="results JSON (default %(default)s)")
     pl = sub.add_parser("plot", help="plot one or more results JSON files")
     pl.add_argument("jsons", nargs="+", metavar="JSON")
     pl.add_argument("--out", required=True, help="PNG path")
@@ -172,6 +178,7 @@ def _task_text(args):
 
     data = prepare_from_args(args, verbose=False)
     (xe, ye), = val_batches(data.val, args.eval_batch_size, args.seq_len, 1)
+    train_batch(data.train, 1, args.seq_len, 0, 0)  # DataError now if the split is too short
     cfg = config_for(args.preset, data.vocab_size)
 
     def make_model():
@@ -288,14 +295,48 @@ def run_training(args, task: str) -> dict:
             "records": records, "final": final}
 
 
-def run_checkpoints(args) -> dict:
+#: keys of an fsam-train checkpoint that ``checkpoint`` needs
+_CKPT_KEYS = ("model", "optimizer", "step", "signature", "model_config")
+_SIG_KEYS = ("lr", "betas", "eps", "weight_decay", "rho", "prho", "corpus", "data", "tokenizer",
+             "vocab_size", "val_fraction", "max_chars", "batch_size")
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load an ``fsam-train`` checkpoint on the CPU. Raises ValueError naming
+    the path for a missing, unreadable or foreign file."""
+    from .lm.train import OPTIMIZERS
+
+    if not os.path.exists(path):
+        raise ValueError(f"CKPT {path!r}: no such file")
+    if not os.path.isfile(path):
+        raise ValueError(f"CKPT {path!r} is not a file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...
+        raise ValueError(f"CKPT {path!r} is not a readable fsam-train checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
+    missing = [k for k in _CKPT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if not missing:
+        missing = [f"signature.{k}" for k in _SIG_KEYS if k not in ck["signature"]]
+    if missing:
+        raise ValueError(f"CKPT {path!r} is not an fsam-train checkpoint (missing {', '.join(missing)})")
+    name = os.path.basename(path).split("-seed")[0]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"CKPT {path!r}: the file name must start with an optimizer name "
+                         f"({', '.join(OPTIMIZERS)}) followed by -seed<k>, as fsam-train writes it")
+    return ck
+
+
+def run_checkpoints(args, loaded: dict | None = None) -> dict:
+    """Measure each checkpoint of ``args.ckpts`` (``loaded``: path ->
+    checkpoint already loaded by :func:`load_checkpoint`)."""
     from .lm.data import prepare, val_batches
     from .lm.model import GPT, GPTConfig
     from .lm.train import make_optimizer
 
     records = []
     for path in args.ckpts:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = (loaded or {}).get(path) or load_checkpoint(path)
         sig = ck["signature"]
         cfg = GPTConfig(**ck["model_config"])
         model = GPT(cfg)
@@ -390,22 +431,38 @@ def plot(results_list, path: str) -> None:
 
 def load_results(path: str) -> dict:
     """A results JSON of ``fsam-diagnose``, or an ``fsam-train`` metrics.jsonl
-    written with ``--diagnose-every`` (its ``diag_*`` keys, prefix removed)."""
+    written with ``--diagnose-every`` (its ``diag_*`` keys, prefix removed).
+    Raises ValueError naming the file for anything else; OSError (missing,
+    unreadable) propagates."""
     if path.endswith(".jsonl"):
         recs = []
         with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                if "diag_delta_logit_norm" in r:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"JSON {path!r} line {i} is not JSON ({exc})") from None
+                if isinstance(r, dict) and "diag_delta_logit_norm" in r:
                     d = {k[5:]: v for k, v in r.items() if k.startswith("diag_")}
                     d.update(optimizer=r["optimizer"] + (f"-seed{r['seed']}" if r.get("seed") else ""),
                              step=r["step"])
                     recs.append(d)
         if not recs:
-            raise SystemExit(f"{path}: no diag_* records (run fsam-train with --diagnose-every K)")
+            raise ValueError(f"JSON {path!r} has no diag_* records "
+                             "(run fsam-train with --diagnose-every K)")
         return {"task": "text", "records": recs}
     with open(path) as f:
-        return json.load(f)
+        try:
+            res = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"JSON {path!r} is not a JSON file ({exc})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("records"), list) or not all(
+            isinstance(r, dict) and "optimizer" in r and "step" in r for r in res["records"]):
+        raise ValueError(f"JSON {path!r} is not an fsam-diagnose results file "
+                         "(expected an object with a 'records' list)")
+    return res
 
 
 def _write_json(obj, path: str) -> None:
@@ -416,38 +473,102 @@ def _write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_ranges(parser, checks) -> None:
+    """``checks``: (flag, value, ok); parser.error echoing the first bad value."""
+    for flag, v, ok in checks:
+        if not ok:
+            parser.error(f"{flag} {v} is out of range")
+
+
 def main(argv=None) -> int:
+    """Entry point of ``fsam-diagnose``; returns 0 (argument errors exit with
+    status 2 and a message naming the argument and the value)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        parser.error(f"--threads {threads} is out of range")
+    if threads:
+        torch.set_num_threads(threads)
     if args.cmd == "plot":
-        res = [load_results(p) for p in args.jsons]
+        res = []
+        for p in args.jsons:
+            try:
+                res.append(load_results(p))
+            except FileNotFoundError:
+                parser.error(f"JSON {p!r}: no such file")
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                parser.error(str(e) if str(e).startswith("JSON ") else f"JSON {p!r} cannot be read ({e})")
         plot(res, args.out)
         for p, r in zip(args.jsons, res):
             print(f"\n{p}:\n{format_table(r)}")
         print(f"wrote {args.out}")
         return 0
     if args.cmd == "checkpoint":
-        res = run_checkpoints(args)
+        _check_ranges(parser, (
+            ("--measure-rho", args.measure_rho, args.measure_rho is None or args.measure_rho > 0),
+            ("--lanczos-iters", args.lanczos_iters, args.lanczos_iters >= 1),
+            ("--trace-samples", args.trace_samples, args.trace_samples >= 1),
+            ("--eval-batch-size", args.eval_batch_size,
+             args.eval_batch_size is None or args.eval_batch_size >= 1)))
+        from .lm.data import DataError
+
+        try:
+            loaded = {p: load_checkpoint(p) for p in args.ckpts}
+            res = run_checkpoints(args, loaded)
+        except DataError as e:
+            parser.error(f"the data of the checkpoint's run: {e}")
+        except ValueError as e:
+            if not str(e).startswith("CKPT "):
+                raise
+            parser.error(str(e))
         _write_json(_clean(res), args.out_json)
         print(f"wrote {args.out_json}")
         return 0
-    for flag, ok in (("--steps", args.steps >= 0), ("--every", args.every >= 1),
-                     ("--batch-size", args.batch_size >= 1), ("--eval-batch-size", args.eval_batch_size >= 1),
-                     ("--rho", args.rho > 0), ("--prho", args.prho > 0),
-                     ("--lanczos-iters", args.lanczos_iters >= 1), ("--trace-samples", args.trace_samples >= 1)):
-        if not ok:
-            parser.error(f"{flag} is out of range")
+    _check_ranges(parser, (
+        ("--steps", args.steps, args.steps >= 1), ("--every", args.every, args.every >= 1),
+        ("--batch-size", args.batch_size, args.batch_size >= 1),
+        ("--eval-batch-size", args.eval_batch_size, args.eval_batch_size >= 1),
+        ("--lr", args.lr, args.lr >= 0), ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
+        ("--eps", args.eps, args.eps >= 0),
+        ("--rho", args.rho, args.rho > 0), ("--prho", args.prho, args.prho > 0),
+        ("--measure-rho", args.measure_rho, args.measure_rho is None or args.measure_rho > 0),
+        ("--lanczos-iters", args.lanczos_iters, args.lanczos_iters >= 1),
+        ("--trace-samples", args.trace_samples, args.trace_samples >= 1),
+        ("--seed", args.seed, args.seed >= 0)))
+    if args.cmd == "vision":
+        _check_ranges(parser, (("--width", args.width, args.width >= 1),))
     try:
-        from .lm.train import parse_optimizers
+        betas = tuple(float(b) for b in args.betas.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2:
+        parser.error(f"--betas must be 'b1,b2', got {args.betas!r}")
+    from .lm.train import check_backend, parse_optimizers
 
+    try:
         parse_optimizers(args.optimizers)
+        check_backend(args.backend, "cpu")  # the models are trained on the CPU
     except ValueError as e:
         parser.error(str(e))
-    out_json = args.out_json or f"diagnostics-{args.cmd}.json"
+    if args.cmd == "text":
+        from .lm.model import PRESETS
+
+        _check_ranges(parser, (("--seq-len", args.seq_len, args.seq_len >= 1),))
+        if args.preset not in PRESETS:
+            parser.error(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+        block = PRESETS[args.preset].block_size
+        if args.seq_len > block:
+            parser.error(f"--seq-len {args.seq_len} exceeds the context (block_size={block}) "
+                         f"of --preset {args.preset}")
+    out_json = args.out_json or os.path.join(DEFAULT_OUT_DIR, f"diagnostics-{args.cmd}.json")
     out_png = args.plot or os.path.splitext(out_json)[0] + ".png"
-    res = run_training(args, args.cmd)
+    from .lm.data import DataError
+
+    try:
+        res = run_training(args, args.cmd)
+    except DataError as e:  # raised while preparing the data, before any training
+        parser.error(str(e))
     _write_json(_clean(res), out_json)
     plot([res], out_png)
     print(format_table(res))

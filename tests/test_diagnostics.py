@@ -327,3 +327,88 @@ def test_cli_vision_smoke(tmp_path):
         (n, s) for n in ("adamw", "sam", "fsam") for s in (0, 1, 2)]
     assert (tmp_path / "d.png").stat().st_size > 0
     assert set(res["final"]) == {"adamw", "sam", "fsam"}
+
+
+def test_cli_default_output_dir(tmp_path, monkeypatch):
+    """Without --out-json/--plot, text/vision write under runs/diagnostics/."""
+    pytest.importorskip("sklearn")
+    from fsam_kernels.diagnose_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["vision", "--steps", "1", "--every", "1", "--optimizers", "adamw", "--no-sharpness",
+                 "--width", "4", "--eval-batch-size", "16"]) == 0
+    out = tmp_path / "runs" / "diagnostics"
+    assert (out / "diagnostics-vision.json").stat().st_size > 0
+    assert (out / "diagnostics-vision.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def _cli_error(argv, capsys):
+    from fsam_kernels.diagnose_cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["vision", "--steps", "0", "--every", "1"], ["--steps 0 is out of range"]),
+    (["vision", "--every", "0"], ["--every 0 is out of range"]),
+    (["vision", "--rho", "-1"], ["--rho -1.0 is out of range"]),
+    (["vision", "--measure-rho", "0"], ["--measure-rho 0.0 is out of range"]),
+    (["vision", "--width", "0"], ["--width 0 is out of range"]),
+    (["vision", "--threads", "0"], ["--threads 0 is out of range"]),
+    (["vision", "--betas", "0.9"], ["--betas", "'0.9'"]),
+    (["vision", "--optimizers", "adamw,lion"], ["--optimizers", "'lion'"]),
+    (["vision", "--optimizers", "adamw", "--backend", "gpu"], ["--backend 'gpu'", "reference"]),
+    (["vision", "--backend", "cuda"], ["--backend cuda is not available on cpu"]),
+    (["text", "--seq-len", "100"], ["--seq-len 100 exceeds", "--preset tiny"]),
+    (["text", "--seq-len", "100000"], ["--seq-len 100000"]),
+    (["text", "--seq-len", "0"], ["--seq-len 0 is out of range"]),
+    (["text", "--preset", "huge"], ["--preset 'huge'"]),
+    (["checkpoint", "/nonexistent/x.pt"], ["CKPT '/nonexistent/x.pt'", "no such file"]),
+    (["checkpoint", "/nonexistent/x.pt", "--lanczos-iters", "0"], ["--lanczos-iters 0"]),
+    (["plot", "/nonexistent/x.json", "--out", "p.png"], ["JSON '/nonexistent/x.json'", "no such file"]),
+])
+def test_cli_bad_arguments(argv, needles, capsys):
+    err = _cli_error(argv, capsys)
+    for n in needles:
+        assert n in err
+
+
+def test_cli_bad_files(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    foreign = tmp_path / "adamw-seed0.pt"
+    torch.save({"a": 1}, foreign)
+    badname = tmp_path / "model.pt"
+    torch.save({"a": 1}, badname)
+    png = str(tmp_path / "p.png")
+    err = _cli_error(["checkpoint", str(empty)], capsys)
+    assert f"CKPT '{empty}' is not a readable fsam-train checkpoint" in err
+    err = _cli_error(["checkpoint", str(foreign)], capsys)
+    assert f"CKPT '{foreign}' is not an fsam-train checkpoint" in err
+    err = _cli_error(["checkpoint", str(badname)], capsys)
+    assert f"CKPT '{badname}'" in err
+    err = _cli_error(["plot", str(empty), "--out", png], capsys)
+    assert f"JSON '{empty}' is not a JSON file" in err
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    err = _cli_error(["plot", str(other), "--out", png], capsys)
+    assert f"JSON '{other}' is not an fsam-diagnose results file" in err
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text(json.dumps({"optimizer": "adamw", "seed": 0, "step": 0, "val_loss": 1.0}) + "\n")
+    err = _cli_error(["plot", str(jsonl), "--out", png], capsys)
+    assert f"JSON '{jsonl}' has no diag_* records" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_cli_text_data_too_short(tmp_path, capsys):
+    data = tmp_path / "t.txt"
+    data.write_text("hello world\n" * 300)
+    err = _cli_error(["text", "--data", str(data), "--tokenizer", "bytes", "--val-fraction", "0.01",
+                      "--seq-len", "64", "--cache-dir", str(tmp_path / "cache"),
+                      "--out-json", str(tmp_path / "d.json")], capsys)
+    assert "--seq-len" in err
+    assert not (tmp_path / "d.json").exists()

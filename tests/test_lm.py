@@ -196,6 +196,7 @@ def test_fsam_train_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     for n in names:
         assert n in printed
     assert "±" in printed
+    assert f"wrote metrics.jsonl, summary.json, loss_curves.png under {full} " in printed
     # same initialisation for every optimizer of a seed
     init = {(r["optimizer"], r["seed"]): r["val_loss"] for r in recs if r["step"] == 0}
     assert len({v for (o, s), v in init.items() if s == 0}) == 1
@@ -223,13 +224,50 @@ def test_fsam_train_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     (["--optimizers", "adamw,lion"], "--optimizers"),
     (["--seq-len", "65"], "--seq-len"),
     (["--rho", "-1"], "--rho"),
+    (["--rho", "-1"], "--rho -1.0 is out of range"),
     (["--data", "/nonexistent/path.txt"], "--data"),
+    # an unknown backend is an error before any run, also when only adamw (no backend) runs
+    (["--optimizers", "adamw", "--backend", "gpu"], "--backend 'gpu' is not one of"),
+    (["--optimizers", "adamw,sam", "--backend", "gpu"], "reference, foreach, cpu, cuda, triton, auto"),
+    # a known backend that cannot run on the device
+    (["--optimizers", "adamw,sam", "--device", "cpu", "--backend", "cuda"],
+     "--backend cuda is not available on cpu"),
+    (["--optimizers", "adamw", "--device", "cpu", "--backend", "cuda"], "--backend cuda"),
+    (["--device", "foo"], "--device 'foo'"),
+    (["--device", "meta"], "--device 'meta'"),
+    pytest.param(["--device", "cuda"], "--device 'cuda'",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")),
+    (["--threads", "0"], "--threads 0"),
+    (["--seed-offset", "-1"], "--seed-offset -1"),
 ])
 def test_fsam_train_bad_arguments(corpus_dir, tmp_path, capsys, extra, needle):
     with pytest.raises(SystemExit) as e:
         lmtrain.main(_argv(corpus_dir, tmp_path / "o", tmp_path / "c", "--steps", "1", *extra))
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any training or output
+
+
+def test_resolve_device_and_check_backend(monkeypatch):
+    assert lmtrain.resolve_device("cpu") == torch.device("cpu")
+    assert lmtrain.resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device 'nonsense'"):
+        lmtrain.resolve_device("nonsense")
+    # a CUDA machine with one device: cuda and cuda:0 are fine, cuda:3 names the count
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert lmtrain.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device 'cuda:3'.*1 CUDA device"):
+        lmtrain.resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device 'cuda'.*not available"):
+        lmtrain.resolve_device("cuda")
+    lmtrain.check_backend("auto", "cpu")
+    lmtrain.check_backend("reference", "cpu")
+    with pytest.raises(ValueError, match="--backend 'gpu'"):
+        lmtrain.check_backend("gpu", "cpu")
+    with pytest.raises(ValueError, match="--backend cuda is not available on cpu"):
+        lmtrain.check_backend("cuda", "cpu")
 
 
 def test_parse_optimizers():

@@ -149,6 +149,53 @@ def parse_optimizers(spec: str) -> list[str]:
     return names
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``--device`` -> a ``torch.device`` that exists on this machine.
+
+    ``auto`` is cuda when available, else cpu. Raises ValueError naming
+    ``--device`` for an unparseable string, CUDA without a CUDA build or
+    device, an index beyond the device count, or another unavailable type."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"--device {spec!r} is not a device name ({exc}); "
+                         "expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec!r}: CUDA is not available here (torch {torch.__version__}"
+                             f"{', built without CUDA' if torch.version.cuda is None else ''}); "
+                             "use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {spec!r}: this machine has {n} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{n - 1})")
+        return dev
+    mod = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    is_available = getattr(mod, "is_available", None)
+    if callable(is_available) and is_available():
+        return dev
+    raise ValueError(f"--device {spec!r}: device type {dev.type!r} is not available here; "
+                     "use auto, cpu or cuda")
+
+
+def check_backend(name: str, device) -> None:
+    """Raise ValueError naming ``--backend`` if ``name`` is not a backend of
+    :data:`fsam_kernels.backends.BACKEND_NAMES` or cannot run on ``device``."""
+    from ..backends import BACKEND_NAMES, backend_availability
+
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"--backend {name!r} is not one of {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        return
+    ok, why = backend_availability(name, device)
+    if not ok:
+        raise ValueError(f"--backend {name} is not available on {torch.device(device)}: {why}")
+
+
 def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS")
     if env and env.isdigit() and int(env) > 0:
@@ -439,7 +486,10 @@ def main(argv=None) -> int:
                         ("--eval-batches", args.eval_batches, args.eval_batches >= 1),
                         ("--lr", args.lr, args.lr >= 0), ("--rho", args.rho, args.rho >= 0),
                         ("--prho", args.prho, args.prho >= 0),
-                        ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1)):
+                        ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1),
+                        ("--seed-offset", args.seed_offset, args.seed_offset >= 0),
+                        ("--threads", args.threads, args.threads is None or args.threads >= 1),
+                        ("--stop-after", args.stop_after, args.stop_after is None or args.stop_after >= 0)):
         if not ok:
             parser.error(f"{flag} {v} is out of range")
     if args.preset not in PRESETS:
@@ -456,10 +506,11 @@ def main(argv=None) -> int:
     if args.data:
         args.data = [os.path.abspath(p) for p in args.data]
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+        check_backend(args.backend, device)  # also when only adamw runs: a bad value is an error
+    except ValueError as e:
+        parser.error(str(e))
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     if device.type == "cuda":
@@ -525,7 +576,7 @@ def main(argv=None) -> int:
     print(format_table(table))
     if any(not r["finished"] for r in runs):
         print(f"(stopped at step {args.stop_after} by --stop-after; --resume continues)")
-    print(f"wrote {metrics_path}, summary.json, loss_curves.png under {args.out} "
+    print(f"wrote metrics.jsonl, summary.json, loss_curves.png under {args.out} "
           f"(total {total_wall:.0f} s)")
     return 0
 
