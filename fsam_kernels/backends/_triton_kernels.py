@@ -38,6 +38,41 @@ import triton.language as tl
 
 # ------------------------------------------------------------- coefficients
 @triton.jit
+def _join(hi, lo, CT: tl.constexpr):
+    """A runtime float64 hyperparameter passed as a float32 (hi, lo) pair, in CT."""
+    return (tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)).to(CT)
+
+
+@triton.jit
+def _div(a, b, F64: tl.constexpr):
+    """a / b, correctly rounded in float32 as the reference's torch ops are."""
+    if F64:
+        r = a / b
+    else:
+        r = tl.div_rn(a, b)
+    return r
+
+
+@triton.jit
+def _unscale(g, s, HAS_SCALE: tl.constexpr, F64: tl.constexpr):
+    """g / grad_scale (SPEC §4), once."""
+    if HAS_SCALE:
+        g = _div(g, s, F64)
+    return g
+
+
+@triton.jit
+def _direction(g, v, bc2, eps, use, F64: tl.constexpr):
+    """d of SPEC §1 for a preconditioned tensor: g / (sqrt(v / bc2) + eps) where
+    ``use`` (the tensor has t >= 1), else g."""
+    if F64:
+        d = g / (tl.sqrt(v / bc2) + eps)
+    else:
+        d = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+    return tl.where(use, d, g)
+
+
+@triton.jit
 def coef_kernel(
     step_tab, n_steps, coef_ptr, found_inf_ptr,
     lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
@@ -106,28 +141,22 @@ def sq_norm_partial_kernel(
     g_ptr = tl.load(g_tab + tid).to(tl.pointer_type(G_DT))
     if HAS_SCALE:
         s = tl.load(scale_ptr).to(CT)
+    else:
+        s = 1.0  # unused: _unscale is the identity without a grad_scale
     if PRECOND:
         v_ptr = tl.load(v_tab + tid).to(tl.pointer_type(V_DT))
         use = tl.load(coef_ptr + 2 * tid) != 0.0
         bc2 = tl.load(coef_ptr + 2 * tid + 1).to(CT)
-        eps = (tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)).to(CT)
+        eps = _join(eps_hi, eps_lo, CT)
     acc = tl.full([BLOCK], 0.0, CT)
     for it in range(0, CHUNK, BLOCK):
         offs = start + it + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
-        if HAS_SCALE:
-            if F64:
-                g = g / s
-            else:
-                g = tl.div_rn(g, s)
+        g = _unscale(g, s, HAS_SCALE, F64)
         if PRECOND:
             v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(CT)
-            if F64:
-                d = g / (tl.sqrt(v / bc2) + eps)
-            else:
-                d = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
-            g = tl.where(use, d, g)
+            g = _direction(g, v, bc2, eps, use, F64)
         g = tl.where(mask, g, 0.0)
         acc += g * g
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0).to(tl.float64))
@@ -185,29 +214,23 @@ def perturb_kernel(
     g_ptr = tl.load(g_tab + tid).to(tl.pointer_type(G_DT))
     if HAS_SCALE:
         s = tl.load(scale_ptr).to(CT)
+    else:
+        s = 1.0  # unused: _unscale is the identity without a grad_scale
     if PRECOND:
         v_ptr = tl.load(v_tab + tid).to(tl.pointer_type(V_DT))
         use = tl.load(coef_ptr + 2 * tid) != 0.0
         bc2 = tl.load(coef_ptr + 2 * tid + 1).to(CT)
-        eps = (tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)).to(CT)
+        eps = _join(eps_hi, eps_lo, CT)
     for it in range(0, CHUNK, BLOCK):
         offs = start + it + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         tl.store(b_ptr + offs, p, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
-        if HAS_SCALE:
-            if F64:
-                g = g / s
-            else:
-                g = tl.div_rn(g, s)
+        g = _unscale(g, s, HAS_SCALE, F64)
         if PRECOND:
             v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(CT)
-            if F64:
-                d = g / (tl.sqrt(v / bc2) + eps)
-            else:
-                d = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
-            g = tl.where(use, d, g)
+            g = _direction(g, v, bc2, eps, use, F64)
         new_p = (p.to(CT) + g * scale).to(P_DT)
         tl.store(p_ptr + offs, new_p, mask=offs < n_keep)
 
@@ -233,11 +256,11 @@ def restore_adamw_kernel(
     n_keep = tl.where(keep, n, 0)  # bound of the elements whose state is written
     step_size = tl.load(coef_ptr + 2 * tid).to(CT)
     bc2_sqrt = tl.load(coef_ptr + 2 * tid + 1).to(CT)
-    decay = (tl.cast(decay_hi, tl.float64) + tl.cast(decay_lo, tl.float64)).to(CT)
-    w1 = (tl.cast(w1_hi, tl.float64) + tl.cast(w1_lo, tl.float64)).to(CT)
-    beta2 = (tl.cast(beta2_hi, tl.float64) + tl.cast(beta2_lo, tl.float64)).to(CT)
-    omb2 = (tl.cast(omb2_hi, tl.float64) + tl.cast(omb2_lo, tl.float64)).to(CT)
-    eps = (tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)).to(CT)
+    decay = _join(decay_hi, decay_lo, CT)
+    w1 = _join(w1_hi, w1_lo, CT)
+    beta2 = _join(beta2_hi, beta2_lo, CT)
+    omb2 = _join(omb2_hi, omb2_lo, CT)
+    eps = _join(eps_hi, eps_lo, CT)
     sign = tl.cast(gsign, CT)
     small = w1 < 0.5
     p_ptr = tl.load(p_tab + tid).to(tl.pointer_type(P_DT))
@@ -248,6 +271,8 @@ def restore_adamw_kernel(
         b_ptr = tl.load(b_tab + tid).to(tl.pointer_type(P_DT))
     if HAS_SCALE:
         s = tl.load(scale_ptr).to(CT)
+    else:
+        s = 1.0  # unused: _unscale is the identity without a grad_scale
     for it in range(0, CHUNK, BLOCK):
         offs = start + it + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < n
@@ -256,11 +281,7 @@ def restore_adamw_kernel(
         else:
             p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
-        if HAS_SCALE:
-            if F64:
-                g = g / s
-            else:
-                g = tl.div_rn(g, s)
+        g = _unscale(g, s, HAS_SCALE, F64)
         g = g * sign
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
