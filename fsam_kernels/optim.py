@@ -268,6 +268,8 @@ class _SAMBase(torch.optim.Optimizer):
     @_perturbed.setter
     def _perturbed(self, value) -> None:
         self._step_vars["perturbed"] = value
+        # the backups of the fast path's perturbed list (first_step sets it after)
+        self._step_vars["perturbed_backups"] = None
 
     @property
     def last_step_skipped(self) -> Optional[Tensor]:
@@ -451,6 +453,11 @@ class _SAMBase(torch.optim.Optimizer):
             raise RuntimeError("first_step: called twice without second_step(); "
                                "the parameters are already perturbed")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "first_step")
+        if not self._first_step_fast(grad_scale, found_inf):
+            self._first_step_general(grad_scale, found_inf)
+
+    def _first_step_general(self, grad_scale, found_inf) -> None:
+        """first_step for any parameters (DTensor / FSDP2 shards included)."""
         groups_items = []
         devices = set()
         for gi, group in enumerate(self.param_groups):
@@ -504,6 +511,108 @@ class _SAMBase(torch.optim.Optimizer):
             perturbed.append(plist)
         self._perturbed = perturbed
         self._last_norm_sq = norm_sq
+
+    def _first_step_fast(self, grad_scale, found_inf) -> bool:
+        """first_step without DTensors: the same calls as ``_first_step_general``
+        (same lists, same order) built in one pass per group. Returns False,
+        having changed nothing but fresh zero state of preconditioned
+        parameters (as the general path does), when a DTensor is present."""
+        Param = torch.nn.Parameter
+        strided = torch.strided
+        base_mode = self._base_mode
+        state = self.state
+        all_devs = set()
+        seen_d = None
+        grad_devs = set()
+        groups_items = []     # per group: {device: (params, grads, exp_avg_sqs, steps)}
+        for gi, group in enumerate(self.param_groups):
+            pre = group["precondition"]
+            bydev: Dict[torch.device, Tuple[list, list, list, list]] = {}
+            last_d = None
+            lists = None
+            for i, p in enumerate(group["params"]):
+                tp = type(p)
+                if tp is not Param and tp is not Tensor and is_dtensor(p):
+                    return False
+                d = p.device
+                if d != seen_d:
+                    all_devs.add(d)
+                    seen_d = d
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout is not strided or g.shape != p.shape:
+                    self._check_grad(p, gi, i, "pass-1")
+                if type(g) is not Tensor and is_dtensor(g):
+                    return False
+                if lists is None or d != last_d:
+                    lists = bydev.get(d)
+                    if lists is None:
+                        lists = bydev[d] = ([], [], [], [])
+                        grad_devs.add(d)
+                    last_d = d
+                lists[0].append(p)
+                lists[1].append(g)
+                if pre:
+                    if base_mode:
+                        s = self._precond_state(p)
+                    else:
+                        s = state[p]
+                        if len(s) == 0:
+                            s = self._init_state(p)
+                    lists[2].append(s["exp_avg_sq"])
+                    lists[3].append(s["step"])
+            groups_items.append(bydev)
+        for d in all_devs | grad_devs:
+            f = self._flag(d)
+            if found_inf is not None:
+                f.copy_(found_inf.to(d, torch.float32).reshape(()))
+            else:
+                f.zero_()
+        norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+                   for d in grad_devs}
+        for group, bydev in zip(self.param_groups, groups_items):
+            pre = group["precondition"]
+            beta2 = group["betas"][1] if pre else 0.0
+            eps = group["eps"] if pre else 0.0
+            for d, (ps, gs, vs, ts) in bydev.items():
+                self._backend(d).sq_norm(
+                    gs, vs if pre else None, ts if pre else None,
+                    beta2=beta2, eps=eps, precondition=pre,
+                    grad_scale=self._scale_on(grad_scale, d), out=norm_sq[d])
+        self._global_sum(norm_sq)
+        perturbed = []
+        backups_all = []
+        backups = self._backups
+        preserve = torch.preserve_format
+        for group, bydev in zip(self.param_groups, groups_items):
+            plist = []
+            blist = []
+            pre = group["precondition"]
+            for d, (ps, gs, vs, ts) in bydev.items():
+                bs = []
+                for p in ps:
+                    b = backups.get(p)
+                    if b is None or b.shape != p.shape or b.dtype != p.dtype \
+                            or b.stride() != p.stride():
+                        b = torch.empty_like(p, memory_format=preserve)
+                        backups[p] = b
+                    bs.append(b)
+                self._backend(d).perturb(
+                    ps, gs, bs, vs if pre else None, ts if pre else None,
+                    rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
+                    beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
+                    precondition=pre,
+                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
+                plist.extend(ps)
+                blist.extend(bs)
+            perturbed.append(plist)
+            backups_all.append(blist)
+        self._perturbed = perturbed
+        # the backups of ``perturbed`` in the same order, for second_step
+        self._step_vars["perturbed_backups"] = (perturbed, backups_all)
+        self._last_norm_sq = norm_sq
+        return True
 
     @staticmethod
     def _global_sum(per_device: Dict[torch.device, Tensor]) -> None:
@@ -645,6 +754,17 @@ class _SAMBase(torch.optim.Optimizer):
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
+        if self._base_mode or not self._second_step_fast(perturbed, grad_scale, found_inf):
+            self._second_step_general(perturbed, grad_scale, found_inf)
+        self._perturbed = None
+        flags = [f != 0 for f in self._found_inf.values()]
+        self.last_step_skipped = flags[0] if len(flags) == 1 else (
+            torch.stack([f.cpu() for f in flags]).any() if flags else None)
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._record_in_scaler(grad_scaler)
+
+    def _second_step_general(self, perturbed, grad_scale, found_inf) -> None:
+        """second_step for any parameters (DTensors, base optimizer)."""
         params2 = self._pass2_params()
         for d in self._devices():
             f = self._flag(d)
@@ -664,12 +784,117 @@ class _SAMBase(torch.optim.Optimizer):
                     scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
                 self._share_flags()
             self._second_step_adamw(perturbed, scales)
-        self._perturbed = None
-        flags = [f != 0 for f in self._found_inf.values()]
-        self.last_step_skipped = flags[0] if len(flags) == 1 else (
-            torch.stack([f.cpu() for f in flags]).any() if flags else None)
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            self._record_in_scaler(grad_scaler)
+
+    def _second_step_fast(self, perturbed, grad_scale, found_inf) -> bool:
+        """``_second_step_general`` for the fused AdamW without DTensors: the same
+        backend calls (same lists, same order), the lists built in one pass that
+        checks every grad before anything is changed. Returns False, having
+        changed nothing, when a DTensor is present."""
+        Param = torch.nn.Parameter
+        strided = torch.strided
+        pb = self._step_vars.get("perturbed_backups")
+        pbk = pb[1] if pb is not None and pb[0] is perturbed else None
+        all_devs = set()
+        seen_d = None
+        grads_by_dev: Dict[torch.device, List[Tensor]] = {}   # all groups (clipping)
+        params2 = []
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            if gi < len(perturbed):
+                plist = perturbed[gi]
+                bmap = (dict(zip(map(id, plist), pbk[gi])) if pbk is not None
+                        else {id(p): None for p in plist})
+            else:
+                bmap = {}
+            without: Dict[torch.device, Tuple[list, list]] = {}
+            restored: Dict[torch.device, Tuple[list, list, list]] = {}
+            fresh: Dict[torch.device, Tuple[list, list, list]] = {}
+            for i, p in enumerate(group["params"]):
+                tp = type(p)
+                if tp is not Param and tp is not Tensor and is_dtensor(p):
+                    return False
+                d = p.device
+                if d != seen_d:
+                    all_devs.add(d)
+                    seen_d = d
+                g = p.grad
+                k = id(p)
+                if g is None:
+                    if k in bmap:
+                        lists = without.get(d)
+                        if lists is None:
+                            lists = without[d] = ([], [])
+                        lists[0].append(p)
+                        lists[1].append(bmap[k])
+                    continue
+                if g.layout is not strided or g.shape != p.shape:
+                    self._check_grad(p, gi, i, "pass-2")
+                if type(g) is not Tensor and is_dtensor(g):
+                    return False
+                params2.append(p)
+                gl = grads_by_dev.get(d)
+                if gl is None:
+                    gl = grads_by_dev[d] = []
+                gl.append(g)
+                if k in bmap:
+                    lists = restored.get(d)
+                    if lists is None:
+                        lists = restored[d] = ([], [], [])
+                    lists[2].append(bmap[k])
+                else:
+                    lists = fresh.get(d)
+                    if lists is None:
+                        lists = fresh[d] = ([], [], [])
+                lists[0].append(p)
+                lists[1].append(g)
+            work.append((without, restored, fresh))
+        for d in all_devs:
+            f = self._flag(d)
+            if found_inf is not None:
+                f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
+        if grad_scale is not None and self.max_grad_norm is None:
+            self._mark_non_finite(params2)   # pass-2 inf/NaN check (the clip
+            self._share_flags()              # norm below checks it otherwise)
+        self._share_flags()
+        scales = {d: self._scale_on(grad_scale, d) for d in all_devs}
+        if self.max_grad_norm is not None:
+            n2 = {}
+            for d, gs in grads_by_dev.items():
+                n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+                self._backend(d).sq_norm(gs, None, None, beta2=0.0, eps=0.0,
+                                         precondition=False,
+                                         grad_scale=self._scale_on(grad_scale, d), out=n2[d])
+            self._global_sum(n2)
+            for d, n in n2.items():
+                coef = self._clip_coef(n)                # g/s' = (g/s)·coef
+                scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
+            self._share_flags()
+        backups = self._backups
+        state = self.state
+        for group, (without, restored, fresh) in zip(self.param_groups, work):
+            for d, (ps, bs) in without.items():
+                self._backend(d).restore(
+                    ps, [backups[p] if b is None else b for p, b in zip(ps, bs)])
+            beta1, beta2 = group["betas"]
+            for bydev, has_backup in ((restored, True), (fresh, False)):
+                for d, (ps, gs, bs) in bydev.items():
+                    states = []
+                    for p in ps:
+                        s = state[p]
+                        if len(s) == 0:
+                            s = self._init_state(p)
+                        states.append(s)
+                    if has_backup:
+                        bs = [backups[p] if b is None else b for p, b in zip(ps, bs)]
+                    self._backend(d).restore_adamw(
+                        ps, gs, bs if has_backup else None,
+                        [s["exp_avg"] for s in states],
+                        [s["exp_avg_sq"] for s in states],
+                        [s["step"] for s in states],
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], maximize=group["maximize"],
+                        grad_scale=scales[d], found_inf=self._flag(d))
+        return True
 
     def _second_step_adamw(self, perturbed, scales) -> None:
         for gi, group in enumerate(self.param_groups):

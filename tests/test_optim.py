@@ -457,3 +457,52 @@ def test_more_bad_input():
     with pytest.raises(ValueError, match="does not depend on the returned output"):
         f.step(lambda: (p * 2.0, p.square().sum()))            # loss not computed from output
     assert torch.equal(p.detach(), torch.ones(3)) and f._perturbed is None
+
+
+# ------------------------------------------ per-step fast path (no DTensors)
+@pytest.mark.parametrize("backend", ["foreach", "cpu"])
+@pytest.mark.parametrize("variant", ["plain", "scale", "clip", "found_inf"])
+def test_fast_path_equals_general_path(backend, variant):
+    """first_step/second_step build their lists in one pass when no parameter is
+    a DTensor; the result is bitwise the general path's (groups, preconditioning,
+    parameters without a pass-1 or pass-2 grad, loss scale, clipping, skips)."""
+    if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
+        pytest.skip("native cpu backend not built")
+
+    def run(fast):
+        torch.manual_seed(0)
+        shapes = [(5, 3), (7,), (2, 2, 2), (4,), (3, 3), (6,), (1,)]
+        params = [torch.randn(s) for s in shapes]
+        opt = SAM([{"params": params[:3], "precondition": True},
+                   {"params": params[3:5], "rho": 0.1},
+                   {"params": params[5:]}],
+                  lr=1e-2, rho=0.05, backend=backend,
+                  max_grad_norm=0.5 if variant == "clip" else None)
+        if not fast:
+            opt._first_step_fast = lambda *a: False
+            opt._second_step_fast = lambda *a: False
+        out = []
+        for step in range(4):
+            no1 = {1, 5} if step % 2 else {6}          # no pass-1 grad
+            no2 = {2, 6} if step % 2 else {0, 4}       # no pass-2 grad
+            scale = torch.tensor(8.0) if variant == "scale" else None
+            fi = torch.tensor(float(step == 2)) if variant == "found_inf" else None
+            _set_grads(params, [None if i in no1 else torch.randn_like(p)
+                                for i, p in enumerate(params)])
+            opt.first_step(grad_scale=scale, found_inf=fi)
+            assert (opt._step_vars.get("perturbed_backups") is not None) == fast
+            out.append([p.clone() for p in params])
+            _set_grads(params, [None if i in no2 else torch.randn_like(p)
+                                for i, p in enumerate(params)])
+            opt.second_step(grad_scale=scale)
+            out.append([p.clone() for p in params])
+            out.append([opt.last_step_skipped.clone()])
+        for p in params:
+            st = opt.state.get(p, {})
+            out.append([st[k].clone() for k in sorted(st)])
+        return out
+
+    for a, b in zip(run(True), run(False)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
