@@ -497,12 +497,16 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
                     + list(opt._backups.values()),
                     note="SAM(backend='auto') -> " + ",".join(opt.backends.values()))
 
-    # a backend's multi-tensor operations, called as fsam_kernels.SAM calls them
+    # a backend's multi-tensor operations, called as fsam_kernels.SAM calls them:
+    # the same tuples of params, backups and state every step with one cache
+    # dict per call site (backends/base.py), the grads gathered anew each step
     from fsam_kernels.backends import get_backend
 
     be = get_backend(impl, dev)
-    ms, vs = _clone(t["m"]), _clone(t["v"])
-    steps = [torch.full((), 10.0, dtype=torch.float32, device=dev) for _ in ps]
+    ps = tuple(ps)
+    ms, vs = tuple(_clone(t["m"])), tuple(_clone(t["v"]))
+    steps = tuple(torch.full((), 10.0, dtype=torch.float32, device=dev) for _ in ps)
+    caches = ({}, {}, {})
     norm_sq = torch.zeros((), dtype=be.norm_dtype, device=dev)
     found_inf = torch.zeros((), dtype=torch.float32, device=dev)
     adam = dict(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"],
@@ -511,11 +515,12 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
         del g1
 
         def step():
-            be.restore_adamw(ps, g2, None, ms, vs, steps, found_inf=found_inf, **adam)
+            be.restore_adamw(ps, tuple(g2), None, ms, vs, steps, found_inf=found_inf,
+                             cache=caches[2], **adam)
 
-        return Case(step, lambda: ps + g2 + ms + vs + steps)
+        return Case(step, lambda: [*ps, *g2, *ms, *vs, *steps])
 
-    bs = [torch.empty_like(p) for p in ps]
+    bs = tuple(torch.empty_like(p) for p in ps)
     pre = method == "psam"
     v_in = vs if pre else None
     s_in = steps if pre else None
@@ -523,14 +528,16 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
     def step():
         norm_sq.zero_()
         found_inf.zero_()
-        be.sq_norm(g1, v_in, s_in, beta2=hp["beta2"], eps=hp["eps"], precondition=pre,
-                   grad_scale=None, out=norm_sq)
-        be.perturb(ps, g1, bs, v_in, s_in, rho=hp["rho"], norm_sq=norm_sq, norm_eps=NORM_EPS,
+        gs1 = tuple(g1)
+        be.sq_norm(gs1, v_in, s_in, beta2=hp["beta2"], eps=hp["eps"], precondition=pre,
+                   grad_scale=None, out=norm_sq, cache=caches[0])
+        be.perturb(ps, gs1, bs, v_in, s_in, rho=hp["rho"], norm_sq=norm_sq, norm_eps=NORM_EPS,
                    beta2=hp["beta2"], eps=hp["eps"], precondition=pre, grad_scale=None,
-                   found_inf=found_inf)
-        be.restore_adamw(ps, g2, bs, ms, vs, steps, found_inf=found_inf, **adam)
+                   found_inf=found_inf, cache=caches[1])
+        be.restore_adamw(ps, tuple(g2), bs, ms, vs, steps, found_inf=found_inf, cache=caches[2],
+                         **adam)
 
-    return Case(step, lambda: ps + g1 + g2 + bs + ms + vs + steps + [norm_sq, found_inf])
+    return Case(step, lambda: [*ps, *g1, *g2, *bs, *ms, *vs, *steps, norm_sq, found_inf])
 
 
 def _sync(device: str) -> None:

@@ -44,6 +44,7 @@ from torch import Tensor
 from .backends import BACKEND_NAMES, Backend, get_backend
 from .distributed import all_reduce_over_shards, is_dtensor, shard_key
 from .distributed import local as _local
+from ._plans import FirstPlan, SecondPlan, check_grads, grad_mask, grads_of
 from .functional import differentiable_items, flatten_output
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
@@ -240,6 +241,8 @@ class _SAMBase(torch.optim.Optimizer):
         self._backends: Dict[torch.device, Backend] = {}
         self._backups: Dict[Tensor, Tensor] = {}
         self._step_vars: Dict[str, Any] = {}
+        #: cached per-group launch plans of the fast path (_plans.py)
+        self._plans: Dict[Tuple[str, int], Any] = {}
         self._perturbed = None
         self._found_inf: Dict[torch.device, Tensor] = {}
         self.last_step_skipped = None
@@ -513,57 +516,36 @@ class _SAMBase(torch.optim.Optimizer):
         self._last_norm_sq = norm_sq
 
     def _first_step_fast(self, grad_scale, found_inf) -> bool:
-        """first_step without DTensors: the same calls as ``_first_step_general``
-        (same lists, same order) built in one pass per group. Returns False,
-        having changed nothing but fresh zero state of preconditioned
-        parameters (as the general path does), when a DTensor is present."""
-        Param = torch.nn.Parameter
-        strided = torch.strided
-        base_mode = self._base_mode
-        state = self.state
-        all_devs = set()
-        seen_d = None
-        grad_devs = set()
-        groups_items = []     # per group: {device: (params, grads, exp_avg_sqs, steps)}
-        for gi, group in enumerate(self.param_groups):
-            pre = group["precondition"]
-            bydev: Dict[torch.device, Tuple[list, list, list, list]] = {}
-            last_d = None
-            lists = None
-            for i, p in enumerate(group["params"]):
-                tp = type(p)
-                if tp is not Param and tp is not Tensor and is_dtensor(p):
+        """first_step without DTensors, in eager mode: the same backend calls as
+        ``_first_step_general`` (same tensors, same order) from cached per-group
+        plans (fsam_kernels/_plans.py). Returns False, having changed nothing
+        (but fresh zero state of preconditioned parameters, as the general path
+        does), when a DTensor is present, under torch.compile, or in
+        ``base_optimizer`` mode."""
+        if self._base_mode or torch.compiler.is_compiling():
+            return False
+        plans = self._plans
+        staged = []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                grads = grads_of(group["params"])
+                mask = grad_mask(grads)
+                plan = plans.get(("first", gi))
+                if plan is None or not plan.valid(self, group, mask):
+                    plan = FirstPlan.build(self, group, grads, mask)
+                    if plan is None:
+                        return False
+                    plans[("first", gi)] = plan
+                staged.append((gi, group, plan, [c.get(grads) for c in plan.calls]))
+        except RuntimeError:  # tensors without storage (meta, fake): the general path says
+            return False
+        for gi, group, plan, gss in staged:   # every grad checked before any change
+            for c, gs in zip(plan.calls, gss):
+                if not check_grads(self, gi, c, gs, group["params"], "pass-1"):
                     return False
-                d = p.device
-                if d != seen_d:
-                    all_devs.add(d)
-                    seen_d = d
-                g = p.grad
-                if g is None:
-                    continue
-                if g.layout is not strided or g.shape != p.shape:
-                    self._check_grad(p, gi, i, "pass-1")
-                if type(g) is not Tensor and is_dtensor(g):
-                    return False
-                if lists is None or d != last_d:
-                    lists = bydev.get(d)
-                    if lists is None:
-                        lists = bydev[d] = ([], [], [], [])
-                        grad_devs.add(d)
-                    last_d = d
-                lists[0].append(p)
-                lists[1].append(g)
-                if pre:
-                    if base_mode:
-                        s = self._precond_state(p)
-                    else:
-                        s = state[p]
-                        if len(s) == 0:
-                            s = self._init_state(p)
-                    lists[2].append(s["exp_avg_sq"])
-                    lists[3].append(s["step"])
-            groups_items.append(bydev)
-        for d in all_devs | grad_devs:
+        devs = {d for *_, plan, _ in staged for d in plan.devs}
+        grad_devs = {c.device for *_, plan, _ in staged for c in plan.calls}
+        for d in devs | grad_devs:
             f = self._flag(d)
             if found_inf is not None:
                 f.copy_(found_inf.to(d, torch.float32).reshape(()))
@@ -571,46 +553,31 @@ class _SAMBase(torch.optim.Optimizer):
                 f.zero_()
         norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
                    for d in grad_devs}
-        for group, bydev in zip(self.param_groups, groups_items):
-            pre = group["precondition"]
+        for gi, group, plan, gss in staged:
+            pre = plan.pre
             beta2 = group["betas"][1] if pre else 0.0
             eps = group["eps"] if pre else 0.0
-            for d, (ps, gs, vs, ts) in bydev.items():
-                self._backend(d).sq_norm(
-                    gs, vs if pre else None, ts if pre else None,
+            for c, gs in zip(plan.calls, gss):
+                self._backend(c.device).sq_norm(
+                    gs, c.vs if pre else None, c.ts if pre else None,
                     beta2=beta2, eps=eps, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), out=norm_sq[d])
+                    grad_scale=self._scale_on(grad_scale, c.device), out=norm_sq[c.device],
+                    cache=c.caches[0])
         self._global_sum(norm_sq)
-        perturbed = []
-        backups_all = []
-        backups = self._backups
-        preserve = torch.preserve_format
-        for group, bydev in zip(self.param_groups, groups_items):
-            plist = []
-            blist = []
-            pre = group["precondition"]
-            for d, (ps, gs, vs, ts) in bydev.items():
-                bs = []
-                for p in ps:
-                    b = backups.get(p)
-                    if b is None or b.shape != p.shape or b.dtype != p.dtype \
-                            or b.stride() != p.stride():
-                        b = torch.empty_like(p, memory_format=preserve)
-                        backups[p] = b
-                    bs.append(b)
+        for gi, group, plan, gss in staged:
+            pre = plan.pre
+            for c, gs in zip(plan.calls, gss):
+                d = c.device
                 self._backend(d).perturb(
-                    ps, gs, bs, vs if pre else None, ts if pre else None,
+                    c.ps, gs, c.bs, c.vs if pre else None, c.ts if pre else None,
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
                     beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
-                    precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
-                plist.extend(ps)
-                blist.extend(bs)
-            perturbed.append(plist)
-            backups_all.append(blist)
+                    precondition=pre, grad_scale=self._scale_on(grad_scale, d),
+                    found_inf=self._flag(d), cache=c.caches[1])
+        perturbed = [plan.perturbed for *_, plan, _ in staged]
         self._perturbed = perturbed
         # the backups of ``perturbed`` in the same order, for second_step
-        self._step_vars["perturbed_backups"] = (perturbed, backups_all)
+        self._step_vars["perturbed_backups"] = (perturbed, [plan.backups for *_, plan, _ in staged])
         self._last_norm_sq = norm_sq
         return True
 
@@ -700,7 +667,16 @@ class _SAMBase(torch.optim.Optimizer):
         by = defaultdict(list)
         for p in params:
             g = _local(p.grad)
-            by[(g.device, g.dtype)].append(g)
+            by[g.device].append(g)
+        self._mark_non_finite_grads(by, inv_scale)
+
+    def _mark_non_finite_grads(self, grads_by_device: Dict[torch.device, List[Tensor]],
+                               inv_scale: Optional[Dict] = None) -> None:
+        """``_mark_non_finite`` for grads already grouped by device."""
+        by = defaultdict(list)
+        for d, gs in grads_by_device.items():
+            for g in gs:
+                by[(d, g.dtype)].append(g)
         for (d, _), gs in by.items():
             inv = (inv_scale or {}).get(d)
             if inv is None:
@@ -786,80 +762,65 @@ class _SAMBase(torch.optim.Optimizer):
             self._second_step_adamw(perturbed, scales)
 
     def _second_step_fast(self, perturbed, grad_scale, found_inf) -> bool:
-        """``_second_step_general`` for the fused AdamW without DTensors: the same
-        backend calls (same lists, same order), the lists built in one pass that
-        checks every grad before anything is changed. Returns False, having
-        changed nothing, when a DTensor is present."""
-        Param = torch.nn.Parameter
-        strided = torch.strided
+        """``_second_step_general`` for the fused AdamW without DTensors, in eager
+        mode: the same backend calls (same tensors, same order) from cached
+        per-group plans, every grad checked before anything is changed.
+        Returns False, having changed nothing, when a DTensor is present or
+        under torch.compile."""
+        if torch.compiler.is_compiling():
+            return False
         pb = self._step_vars.get("perturbed_backups")
         pbk = pb[1] if pb is not None and pb[0] is perturbed else None
-        all_devs = set()
-        seen_d = None
-        grads_by_dev: Dict[torch.device, List[Tensor]] = {}   # all groups (clipping)
-        params2 = []
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            if gi < len(perturbed):
-                plist = perturbed[gi]
-                bmap = (dict(zip(map(id, plist), pbk[gi])) if pbk is not None
-                        else {id(p): None for p in plist})
+        plans = self._plans
+        staged = []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                grads = grads_of(group["params"])
+                mask = grad_mask(grads)
+                pg = perturbed[gi] if gi < len(perturbed) else []
+                bg = pbk[gi] if pbk is not None and gi < len(pbk) else None
+                plan = plans.get(("second", gi))
+                if plan is not None and not plan.valid(self, group, mask, pg, bg):
+                    plan = None
+                staged.append([gi, group, plan, grads, pg, bg])
+        except RuntimeError:
+            return False
+        # every grad checked before anything changes (a new plan creates state)
+        clip_gs: Dict[torch.device, List[Tensor]] = {}     # all groups, parameter order
+        for gi, group, plan, grads, _, _ in staged:
+            if plan is None:
+                for i, (p, g) in enumerate(zip(group["params"], grads)):
+                    if g is not None:
+                        if type(g) is not Tensor and is_dtensor(g):
+                            return False
+                        self._check_grad(p, gi, i, "pass-2")
             else:
-                bmap = {}
-            without: Dict[torch.device, Tuple[list, list]] = {}
-            restored: Dict[torch.device, Tuple[list, list, list]] = {}
-            fresh: Dict[torch.device, Tuple[list, list, list]] = {}
-            for i, p in enumerate(group["params"]):
-                tp = type(p)
-                if tp is not Param and tp is not Tensor and is_dtensor(p):
+                for c in plan.clip:
+                    if not check_grads(self, gi, c, c.get(grads), group["params"], "pass-2"):
+                        return False
+        for st in staged:
+            gi, group, plan, grads, pg, bg = st
+            if plan is None:
+                plan = st[2] = SecondPlan.build(self, group, grads, grad_mask(grads), pg, bg)
+                if plan is None:
                     return False
-                d = p.device
-                if d != seen_d:
-                    all_devs.add(d)
-                    seen_d = d
-                g = p.grad
-                k = id(p)
-                if g is None:
-                    if k in bmap:
-                        lists = without.get(d)
-                        if lists is None:
-                            lists = without[d] = ([], [])
-                        lists[0].append(p)
-                        lists[1].append(bmap[k])
-                    continue
-                if g.layout is not strided or g.shape != p.shape:
-                    self._check_grad(p, gi, i, "pass-2")
-                if type(g) is not Tensor and is_dtensor(g):
-                    return False
-                params2.append(p)
-                gl = grads_by_dev.get(d)
-                if gl is None:
-                    gl = grads_by_dev[d] = []
-                gl.append(g)
-                if k in bmap:
-                    lists = restored.get(d)
-                    if lists is None:
-                        lists = restored[d] = ([], [], [])
-                    lists[2].append(bmap[k])
-                else:
-                    lists = fresh.get(d)
-                    if lists is None:
-                        lists = fresh[d] = ([], [], [])
-                lists[0].append(p)
-                lists[1].append(g)
-            work.append((without, restored, fresh))
+                plans[("second", gi)] = plan
+            for c in plan.clip:
+                clip_gs.setdefault(c.device, []).extend(c.get(grads))
+        staged = [st[:4] for st in staged]
+        all_devs = {d for *_, plan, _ in staged for d in plan.devs}
         for d in all_devs:
             f = self._flag(d)
             if found_inf is not None:
                 f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
         if grad_scale is not None and self.max_grad_norm is None:
-            self._mark_non_finite(params2)   # pass-2 inf/NaN check (the clip
-            self._share_flags()              # norm below checks it otherwise)
+            self._mark_non_finite_grads(clip_gs)   # pass-2 inf/NaN check (the clip
+            self._share_flags()                    # norm below checks it otherwise)
         self._share_flags()
         scales = {d: self._scale_on(grad_scale, d) for d in all_devs}
         if self.max_grad_norm is not None:
             n2 = {}
-            for d, gs in grads_by_dev.items():
+            for d, gs in clip_gs.items():
                 n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
                 self._backend(d).sq_norm(gs, None, None, beta2=0.0, eps=0.0,
                                          precondition=False,
@@ -869,31 +830,18 @@ class _SAMBase(torch.optim.Optimizer):
                 coef = self._clip_coef(n)                # g/s' = (g/s)·coef
                 scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
             self._share_flags()
-        backups = self._backups
-        state = self.state
-        for group, (without, restored, fresh) in zip(self.param_groups, work):
-            for d, (ps, bs) in without.items():
-                self._backend(d).restore(
-                    ps, [backups[p] if b is None else b for p, b in zip(ps, bs)])
+        for gi, group, plan, grads in staged:
+            for c in plan.without:
+                self._backend(c.device).restore(c.ps, c.bs, cache=c.caches[0])
             beta1, beta2 = group["betas"]
-            for bydev, has_backup in ((restored, True), (fresh, False)):
-                for d, (ps, gs, bs) in bydev.items():
-                    states = []
-                    for p in ps:
-                        s = state[p]
-                        if len(s) == 0:
-                            s = self._init_state(p)
-                        states.append(s)
-                    if has_backup:
-                        bs = [backups[p] if b is None else b for p, b in zip(ps, bs)]
+            for calls, has_backup in ((plan.restored, True), (plan.fresh, False)):
+                for c in calls:
+                    d = c.device
                     self._backend(d).restore_adamw(
-                        ps, gs, bs if has_backup else None,
-                        [s["exp_avg"] for s in states],
-                        [s["exp_avg_sq"] for s in states],
-                        [s["step"] for s in states],
+                        c.ps, c.get(grads), c.bs if has_backup else None, c.ms, c.vs, c.ts,
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=scales[d], found_inf=self._flag(d))
+                        grad_scale=scales[d], found_inf=self._flag(d), cache=c.caches[0])
         return True
 
     def _second_step_adamw(self, perturbed, scales) -> None:

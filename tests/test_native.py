@@ -804,6 +804,85 @@ def test_record_cache_sees_new_dtypes_and_layouts():
         assert_spec_close(v, ref[2], f"exp_avg_sq ({p.dtype}, strides {p.stride()})")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+def test_call_site_cache_steps_match_uncached(device, precondition):
+    """``cache=`` (base.py): three steps with a cache dict per call site and the
+    same tuples equal three uncached steps bitwise, the table is built once
+    and reused (same record object), new grads each step included; a param
+    re-pointed with ``.data =`` (new storage), a grad of another dtype and a
+    non-contiguous grad are noticed and computed right."""
+    be = native_backend(device)
+    shapes = [(33, 5), (0,), (1000,), (7, 3, 2)]
+    a = make_state(shapes, torch.float32, None, device, seed=3, steps=[1, 0, 3, 2])
+    b = clone_state(a)
+    ca = {"sq": {}, "pt": {}, "ra": {}}
+    tup = {k: tuple(v) for k, v in a.items() if k not in ("grads1", "grads2")}
+    backups_a = tuple(torch.empty_like(p) for p in a["params"])
+    backups_b = [torch.empty_like(p) for p in b["params"]]
+    gen = torch.Generator().manual_seed(9)
+    recs = []
+
+    def run(st, tp, backups, cache, g1, g2):
+        dev = st["steps"][0].device
+        out = torch.zeros((), device=dev)
+        fi = torch.zeros((), device=dev)
+        kw = dict(beta2=BETA2, eps=EPS, precondition=precondition, grad_scale=None)
+        be.sq_norm(g1, tp["exp_avg_sqs"], tp["steps"], out=out,
+                   **kw, **({"cache": cache["sq"]} if cache else {}))
+        be.perturb(tp["params"], g1, backups, tp["exp_avg_sqs"], tp["steps"], rho=0.05,
+                   norm_sq=out, norm_eps=NORM_EPS, found_inf=fi,
+                   **kw, **({"cache": cache["pt"]} if cache else {}))
+        be.restore_adamw(tp["params"], g2, backups, tp["exp_avgs"], tp["exp_avg_sqs"],
+                         tp["steps"], lr=1e-2, beta1=BETA1, beta2=BETA2, eps=EPS,
+                         weight_decay=0.01, maximize=False, grad_scale=None, found_inf=fi,
+                         **({"cache": cache["ra"]} if cache else {}))
+        return out
+
+    for step in range(5):
+        g1 = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        g2 = [torch.randn(s, generator=gen).to(device) for s in shapes]
+        if step == 2:   # a re-pointed parameter (new storage, same values)
+            for st in (a, b):
+                st["params"][2].data = st["params"][2].data.clone()
+        if step == 3:   # a bfloat16 grad and a transposed (non-contiguous) grad
+            g2[2] = g2[2].to(torch.bfloat16)
+            g1[0] = g1[0].t().contiguous().t()
+        ga1 = tuple(g1) if step != 4 else g1   # any sequence type for the grads
+        na = run(a, tup, backups_a, ca, ga1, tuple(g2))   # the same tuples every step
+        nb = run(b, b, backups_b, None, [g.clone() for g in g1], [g.clone() for g in g2])
+        assert_bitwise(na, nb, f"step {step} N²")
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+            for i, (x, y) in enumerate(zip(a[k], b[k])):
+                assert_bitwise(x, y, f"step {step} {k}[{i}]")
+        recs.append(ca["ra"]["restore_adamw"].rec if "restore_adamw" in ca["ra"] else None)
+    assert recs[0] is not None and recs[1] is recs[0]          # reused in a steady state
+    assert recs[2] is not recs[1]                              # new pointers: rebuilt
+
+
+def test_eager_calls_skip_the_dispatcher_only_outside_modes():
+    """Eager calls run the kernels directly; under a dispatch mode (fake tensors,
+    functionalisation, make_fx) they go through ``torch.ops.fsam_kernels`` so
+    the mode sees one opaque op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    be = CPUBackend()
+    p, b = [torch.ones(4)], [torch.zeros(4)]
+    assert native._eager(p)
+    with Log():
+        assert not native._eager(p)
+        be.restore(p, b)
+    assert torch.equal(p[0], torch.zeros(4))
+    assert any("fsam_kernels.restore" in s for s in seen), seen
+
+
 # ----------------------------------------------------------------------------
 # torch.compile, registration, fork safety
 # ----------------------------------------------------------------------------

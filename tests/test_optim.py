@@ -461,11 +461,14 @@ def test_more_bad_input():
 
 # ------------------------------------------ per-step fast path (no DTensors)
 @pytest.mark.parametrize("backend", ["foreach", "cpu"])
-@pytest.mark.parametrize("variant", ["plain", "scale", "clip", "found_inf"])
+@pytest.mark.parametrize("variant", ["plain", "scale", "clip", "found_inf", "changes"])
 def test_fast_path_equals_general_path(backend, variant):
-    """first_step/second_step build their lists in one pass when no parameter is
-    a DTensor; the result is bitwise the general path's (groups, preconditioning,
-    parameters without a pass-1 or pass-2 grad, loss scale, clipping, skips)."""
+    """first_step/second_step run from cached per-group plans (_plans.py) when
+    no parameter is a DTensor; the result is bitwise the general path's
+    (groups, preconditioning, parameters without a pass-1 or pass-2 grad, loss
+    scale, clipping, skips). "changes": between steps a parameter is re-pointed
+    (``.data =``: new storage, new dtype), state tensors are replaced by
+    assignment and by ``load_state_dict``; the plans notice each."""
     if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
         pytest.skip("native cpu backend not built")
 
@@ -482,9 +485,24 @@ def test_fast_path_equals_general_path(backend, variant):
             opt._first_step_fast = lambda *a: False
             opt._second_step_fast = lambda *a: False
         out = []
-        for step in range(4):
+        for step in range(6):
+            if variant == "changes" and step == 2:
+                params[0].data = params[0].data.clone()      # new storage
+                params[3].data = params[3].data.to(torch.bfloat16)   # new dtype: new backup
+            if variant == "changes" and step == 3:
+                for i in (1, 3):
+                    st = opt.state[params[i]]
+                    st["exp_avg"] = st["exp_avg"] * 0.5
+                    st["exp_avg_sq"] = st["exp_avg_sq"] * 2.0
+            if variant == "changes" and step == 4:
+                sd = copy.deepcopy(opt.state_dict())
+                for st in sd["state"].values():
+                    st["exp_avg"].mul_(0.25)
+                opt.load_state_dict(sd)
             no1 = {1, 5} if step % 2 else {6}          # no pass-1 grad
             no2 = {2, 6} if step % 2 else {0, 4}       # no pass-2 grad
+            if variant == "changes":                   # one pattern: the plans are reused
+                no1, no2 = {6}, {2}
             scale = torch.tensor(8.0) if variant == "scale" else None
             fi = torch.tensor(float(step == 2)) if variant == "found_inf" else None
             _set_grads(params, [None if i in no1 else torch.randn_like(p)
@@ -506,3 +524,28 @@ def test_fast_path_equals_general_path(backend, variant):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_plans_are_reused_in_a_steady_state():
+    """A steady-state step reuses its plans and the native tables (the point of
+    caching); a new grad-None pattern or a re-pointed parameter builds new ones."""
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5), torch.randn(2)]
+    opt = SAM(params, lr=1e-2, backend="foreach")
+    seen = []
+    for step in range(5):
+        if step == 3:
+            params[1].data = params[1].data.clone()
+        grads = [torch.randn_like(p) for p in params]
+        if step == 4:
+            grads[2] = None
+        _set_grads(params, grads)
+        opt.first_step()
+        _set_grads(params, [torch.randn_like(p) for p in params])
+        opt.second_step()
+        seen.append((opt._plans[("first", 0)], opt._plans[("second", 0)]))
+    assert seen[1][0] is seen[0][0] and seen[2][0] is seen[0][0]
+    assert seen[1][1] is seen[0][1] and seen[2][1] is seen[0][1]
+    assert seen[3][0] is not seen[2][0]          # re-pointed parameter
+    assert seen[4][0] is not seen[3][0]          # params[2] without a pass-1 grad
+    assert seen[4][1] is not seen[3][1]          # ... so not perturbed

@@ -23,6 +23,17 @@ Conventions shared by all operations
 - ``norm_sq`` / ``out``: 0-d tensor of dtype ``backend.norm_dtype``
   (float32; float64 in the reference) holding N² of SPEC §1.
 - Hyperparameters are Python floats / bools (never baked into a kernel).
+- ``cache``: ``None`` or a dict owned by the caller and passed again by the
+  same call site on later calls (one dict per call site). A backend may keep
+  the validated tensor table of the call in it; on a later call with the
+  *same sequence objects* (tuples, say) for every list but ``grads``, it may
+  then check only the parameters' data pointers and contiguity and the grads,
+  and trust that the other tensors (backups, exp_avgs, exp_avg_sqs, steps)
+  are the same storage as before. Pass it only for tensors you own and do not
+  re-point (``.data =``) between calls; the optimizers keep one per group and
+  device. Backends that keep no table ignore it. Results never depend on it;
+  the native backends then also leave the version counters of backups and
+  state alone (those of params and the 0-d outputs are bumped as always).
 """
 from __future__ import annotations
 
@@ -59,6 +70,7 @@ class Backend:
         precondition: bool,
         grad_scale: Optional[Tensor],
         out: Tensor,
+        cache: Optional[dict] = None,
     ) -> None:
         """``out += Σ_i Σ d_i²`` with d of SPEC §1.
 
@@ -86,6 +98,7 @@ class Backend:
         precondition: bool,
         grad_scale: Optional[Tensor],
         found_inf: Tensor,
+        cache: Optional[dict] = None,
     ) -> None:
         """``b <- p``; then ``p <- p + (rho / (sqrt(N²) + norm_eps)) * d``.
 
@@ -115,6 +128,7 @@ class Backend:
         maximize: bool,
         grad_scale: Optional[Tensor],
         found_inf: Tensor,
+        cache: Optional[dict] = None,
     ) -> None:
         """``p <- b`` (bitwise; skipped when ``backups`` is None), then unless
         ``found_inf`` is non-zero the AdamW update of SPEC §3 with
@@ -125,7 +139,8 @@ class Backend:
         raise NotImplementedError
 
     # 4. restore -------------------------------------------------------------
-    def restore(self, params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    def restore(self, params: Sequence[Tensor], backups: Sequence[Tensor], *,
+                cache: Optional[dict] = None) -> None:
         """``p <- b`` bitwise for every pair."""
         raise NotImplementedError
 

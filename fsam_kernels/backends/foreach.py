@@ -65,7 +65,7 @@ class ForeachBackend(Backend):
     fused = True
 
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition,
-                grad_scale, out):
+                grad_scale, out, cache=None):
         grads = list(grads)
         if not grads:
             return
@@ -77,7 +77,7 @@ class ForeachBackend(Backend):
         out.add_(torch.stack([n.to(torch.float32) for n in norms]).square().sum())
 
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq,
-                norm_eps, beta2, eps, precondition, grad_scale, found_inf):
+                norm_eps, beta2, eps, precondition, grad_scale, found_inf, cache=None):
         params, backups = list(params), list(backups)
         if params:
             torch._foreach_copy_(backups, params)
@@ -99,7 +99,7 @@ class ForeachBackend(Backend):
 
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                      found_inf):
+                      found_inf, cache=None):
         params = list(params)
         if backups is not None and params:
             torch._foreach_copy_(params, list(backups))
@@ -138,7 +138,7 @@ class ForeachBackend(Backend):
             for o, n in zip(lst_old, lst_new):
                 o.copy_(torch.where(skip, o, n.to(o.dtype)))
 
-    def restore(self, params, backups):
+    def restore(self, params, backups, *, cache=None):
         params = list(params)
         if params:
             torch._foreach_copy_(params, list(backups))

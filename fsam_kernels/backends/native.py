@@ -600,6 +600,79 @@ def _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps, ne
     return r
 
 
+class _Bound:
+    """A call site's validated table (``cache=`` of the Backend interface)."""
+
+    __slots__ = ("pinned", "rec", "dev", "numel", "gdtypes", "pptrs")
+
+
+_is = operator.is_
+
+
+def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build):
+    """The record table of a call with ``cache``: reused when every ``pinned``
+    sequence is the same object as at the last call of this slot, the params'
+    data pointers are unchanged and they are still contiguous, and the grads
+    (checked in full: contiguity, sizes, device, dtypes) fit it; their pointers
+    are then written into the table. Otherwise ``build()`` (the fast path;
+    None when the tensors need the full path, which is not cached)."""
+    ent = cache.get(slot)
+    if ent is not None:
+        try:
+            if all(map(_is, pinned, ent.pinned)) and (
+                    params is None or (tuple(map(_data_ptr, params)) == ent.pptrs
+                                       and all(map(_is_contig, params)))):
+                if grads is None:
+                    return ent.rec
+                if (_fast_ok(grads, ent.dev, ent.numel)
+                        and list(map(_dtype_of, grads)) == ent.gdtypes):
+                    ent.rec.set(1, _ptrs(grads))
+                    return ent.rec
+        except Exception:  # tensors without storage etc.: rebuild (and explain) below
+            pass
+    rec = build()
+    if rec is None or rec.n == 0:
+        cache.pop(slot, None)
+        return rec
+    try:
+        ent = _Bound()
+        ent.pinned = pinned
+        ent.rec = rec
+        first = params if params is not None else grads
+        ent.dev = first[0].get_device()
+        ent.numel = list(map(_numel, first))
+        ent.gdtypes = None if grads is None else list(map(_dtype_of, grads))
+        ent.pptrs = None if params is None else tuple(map(_data_ptr, params))
+        cache[slot] = ent
+    except Exception:
+        cache.pop(slot, None)
+    return rec
+
+
+def _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition):
+    if cache is None:
+        return _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
+    pinned = (exp_avg_sqs, steps) if precondition else ()
+    rec = _cached_records(cache, "sq_norm" if precondition else "sq_norm0", pinned, None, grads,
+                          lambda: _fast_sq_norm(grads, exp_avg_sqs, steps, precondition))
+    return rec if rec is not None else _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
+
+
+def _records_update_cached(cache, op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
+                           need_steps):
+    if cache is None:
+        return _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
+                               need_steps)
+    pinned = (params, backups, exp_avgs, exp_avg_sqs, steps if need_steps else None)
+    rec = _cached_records(cache, op, pinned, params, grads,
+                          lambda: _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs,
+                                               steps, need_steps))
+    if rec is None:
+        rec = _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
+                              need_steps)
+    return rec
+
+
 def _check_lengths(op, n, **lists):
     for name, lst in lists.items():
         if lst is not None and len(lst) != n:
@@ -688,14 +761,17 @@ _NS = "fsam_kernels"
 
 
 def _bump(tensors):
-    """Version counters of tensors written by a kernel (autograd's in-place checks)."""
+    """Version counters of tensors written by a kernel (autograd's in-place checks).
+    With ``cache`` (the optimizers' calls) only the parameters' (and the 0-d
+    outputs'): backups and state are then private to the caller, and a bump
+    costs ~0.2 us per tensor."""
     if len(tensors):
         torch.autograd.graph.increment_version(tensors)
 
 
 def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Tensor],
                 beta2: float, eps: float, precondition: bool, grad_scale: Optional[Tensor],
-                out: Tensor) -> None:
+                out: Tensor, cache: Optional[dict] = None) -> None:
     op = "sq_norm"
     device = out.device
     if precondition:
@@ -704,7 +780,7 @@ def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Te
         raise ValueError(f"{op}: out is on {device} but grads[0] is on {grads[0].device}")
     out_ptr = _scalar_ptr(out, "out", device, op)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
-    rec = _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
+    rec = _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition)
     if device.type == "cuda":
         _cuda_call(op, rec, device, int(precondition), beta2, eps, gs_ptr, out_ptr, partials=True)
     else:
@@ -717,7 +793,8 @@ def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Te
 def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
                 exp_avg_sqs: List[Tensor], steps: List[Tensor], rho: float, norm_sq: Tensor,
                 norm_eps: float, beta2: float, eps: float, precondition: bool,
-                grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
+                grad_scale: Optional[Tensor], found_inf: Tensor,
+                cache: Optional[dict] = None) -> None:
     op = "perturb"
     n = len(params)
     _check_lengths(op, n, grads=grads, backups=backups)
@@ -729,9 +806,9 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     ns_ptr = _scalar_ptr(norm_sq, "norm_sq", device, op)
     fi_ptr = _scalar_ptr(found_inf, "found_inf", device, op)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
-    rec = _records_update(op, params, grads, backups, None,
-                          exp_avg_sqs if precondition else None,
-                          steps if precondition else None, need_steps=precondition)
+    rec = _records_update_cached(cache, op, params, grads, backups, None,
+                                 exp_avg_sqs if precondition else None,
+                                 steps if precondition else None, precondition)
     args = (int(precondition), rho, ns_ptr, norm_eps, beta2, eps, gs_ptr, fi_ptr)
     if device.type == "cuda":
         _cuda_call(op, rec, device, *args)
@@ -739,7 +816,8 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
         lib = _cpu_lib_or_raise()
         _check_rc(lib.fsam_cpu_perturb(rec.ptr(), rec.n, *args), lib, "cpu")
     _bump(params)
-    _bump(backups)
+    if cache is None:  # with a cache the backups are the caller's own (base.py)
+        _bump(backups)
     _bump((found_inf,))
 
 
@@ -747,7 +825,7 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
                       has_backups: bool, exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                       steps: List[Tensor], lr: float, beta1: float, beta2: float, eps: float,
                       weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
-                      found_inf: Tensor) -> None:
+                      found_inf: Tensor, cache: Optional[dict] = None) -> None:
     op = "restore_adamw"
     n = len(params)
     _check_lengths(op, n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
@@ -758,8 +836,8 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
         raise ValueError(f"{op}: found_inf is on {device} but params[0] is on {params[0].device}")
     fi_ptr = _scalar_ptr(found_inf, "found_inf", device, op)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
-    rec = _records_update(op, params, grads, backups if has_backups else None, exp_avgs,
-                          exp_avg_sqs, steps, need_steps=True)
+    rec = _records_update_cached(cache, op, params, grads, backups if has_backups else None,
+                                 exp_avgs, exp_avg_sqs, steps, True)
     args = (int(has_backups), lr, beta1, beta2, eps, weight_decay, int(maximize), gs_ptr, fi_ptr)
     if device.type == "cuda":
         _cuda_call(op, rec, device, *args)
@@ -767,19 +845,21 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
         lib = _cpu_lib_or_raise()
         _check_rc(lib.fsam_cpu_restore_adamw(rec.ptr(), rec.n, *args), lib, "cpu")
     _bump(params)
-    _bump(exp_avgs)
-    _bump(exp_avg_sqs)
-    _bump(steps)
+    if cache is None:  # with a cache the state is the caller's own (base.py)
+        _bump(exp_avgs)
+        _bump(exp_avg_sqs)
+        _bump(steps)
 
 
-def _restore_impl(params: List[Tensor], backups: List[Tensor]) -> None:
+def _restore_impl(params: List[Tensor], backups: List[Tensor],
+                  cache: Optional[dict] = None) -> None:
     op = "restore"
     n = len(params)
     _check_lengths(op, n, backups=backups)
     if n == 0:
         return
     device = params[0].device
-    rec = _records_update(op, params, None, backups, None, None, None, need_steps=False)
+    rec = _records_update_cached(cache, op, params, None, backups, None, None, None, False)
     if device.type == "cuda":
         _cuda_call(op, rec, device)
     else:
@@ -851,18 +931,57 @@ def _lst(x) -> List[Tensor]:
     return [] if x is None else list(x)
 
 
+def _seq(x):
+    """A list or tuple as it is (the ``cache`` checks compare sequence objects)."""
+    if x is None:
+        return ()
+    return x if isinstance(x, (list, tuple)) else list(x)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def _eager(*seqs) -> bool:
+    """True when a call may skip the dispatcher and run the op's kernel directly:
+    not traced by torch.compile, no dispatch mode active (fake tensors,
+    functionalisation, make_fx), and plain tensors. The custom op's CPU/CUDA
+    kernel is what the dispatcher would run in that case; skipping it saves
+    the conversion of every tensor list (~1-2 us per tensor per call)."""
+    if _is_compiling() or _dispatch_depth():
+        return False
+    for s in seqs:
+        if s and type(s[0]) not in _PLAIN:
+            return False
+    return True
+
+
 class _NativeBackend(Backend):
     norm_dtype = torch.float32
     fused = True
 
-    def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out):
+    def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out,
+                cache=None):
+        grads = _seq(grads)
+        if _eager(grads):
+            return _sq_norm_impl(grads, _seq(exp_avg_sqs) if precondition else (),
+                                 _seq(steps) if precondition else (), float(beta2), float(eps),
+                                 bool(precondition), grad_scale, out, cache)
         torch.ops.fsam_kernels.sq_norm(
             list(grads), _lst(exp_avg_sqs) if precondition else [],
             _lst(steps) if precondition else [], float(beta2), float(eps), bool(precondition),
             grad_scale, out)
 
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq, norm_eps,
-                beta2, eps, precondition, grad_scale, found_inf):
+                beta2, eps, precondition, grad_scale, found_inf, cache=None):
+        params, grads = _seq(params), _seq(grads)
+        if _eager(params, grads):
+            return _perturb_impl(params, grads, _seq(backups),
+                                 _seq(exp_avg_sqs) if precondition else (),
+                                 _seq(steps) if precondition else (), float(rho), norm_sq,
+                                 float(norm_eps), float(beta2), float(eps), bool(precondition),
+                                 grad_scale, found_inf, cache)
         torch.ops.fsam_kernels.perturb(
             list(params), list(grads), list(backups),
             _lst(exp_avg_sqs) if precondition else [], _lst(steps) if precondition else [],
@@ -870,13 +989,22 @@ class _NativeBackend(Backend):
             grad_scale, found_inf)
 
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
-                      beta2, eps, weight_decay, maximize, grad_scale, found_inf):
+                      beta2, eps, weight_decay, maximize, grad_scale, found_inf, cache=None):
+        params, grads = _seq(params), _seq(grads)
+        if _eager(params, grads):
+            return _restore_adamw_impl(
+                params, grads, _seq(backups), backups is not None,
+                _seq(exp_avgs), _seq(exp_avg_sqs), _seq(steps), float(lr), float(beta1), float(beta2), float(eps),
+                float(weight_decay), bool(maximize), grad_scale, found_inf, cache)
         torch.ops.fsam_kernels.restore_adamw(
             list(params), list(grads), _lst(backups), backups is not None, list(exp_avgs),
             list(exp_avg_sqs), list(steps), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(maximize), grad_scale, found_inf)
 
-    def restore(self, params, backups):
+    def restore(self, params, backups, *, cache=None):
+        params = _seq(params)
+        if _eager(params):
+            return _restore_impl(params, _seq(backups), cache)
         torch.ops.fsam_kernels.restore(list(params), list(backups))
 
 

@@ -45,7 +45,7 @@ class ReferenceBackend(Backend):
     fused = False
 
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition,
-                grad_scale, out):
+                grad_scale, out, cache=None):
         total = torch.zeros((), dtype=torch.float64, device=out.device)
         for i, g in enumerate(grads):
             wd = torch.float64 if g.dtype == torch.float64 else torch.float32
@@ -57,7 +57,7 @@ class ReferenceBackend(Backend):
         out.add_(total.to(out.dtype))
 
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq,
-                norm_eps, beta2, eps, precondition, grad_scale, found_inf):
+                norm_eps, beta2, eps, precondition, grad_scale, found_inf, cache=None):
         n2 = norm_sq.double().item()
         if not math.isfinite(n2):
             found_inf.fill_(1.0)
@@ -80,7 +80,7 @@ class ReferenceBackend(Backend):
 
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                      found_inf):
+                      found_inf, cache=None):
         skip = found_inf.item() != 0
         for i, p in enumerate(params):
             if backups is not None:
@@ -110,6 +110,6 @@ class ReferenceBackend(Backend):
             if low:
                 p.copy_(work)
 
-    def restore(self, params, backups):
+    def restore(self, params, backups, *, cache=None):
         for p, b in zip(params, backups):
             p.copy_(b)

@@ -297,7 +297,7 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ sq_norm
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition,
-                grad_scale, out):
+                grad_scale, out, cache=None):
         if out.dtype != torch.float32 or out.numel() != 1:
             raise TypeError(f"triton backend: out is {out.dtype} of shape {tuple(out.shape)}; "
                             f"expected a 0-d float32 tensor (norm_dtype)")
@@ -373,7 +373,7 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ perturb
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq,
-                norm_eps, beta2, eps, precondition, grad_scale, found_inf):
+                norm_eps, beta2, eps, precondition, grad_scale, found_inf, cache=None):
         n = len(params)
         _check_len("grads", grads, n)
         _check_len("backups", backups, n)
@@ -431,7 +431,7 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------ restore_adamw
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                      found_inf):
+                      found_inf, cache=None):
         n = len(params)
         _check_len("grads", grads, n)
         if backups is not None:
@@ -494,7 +494,7 @@ class TritonBackend(Backend):
                     CHUNK=chunk, BLOCK=block, num_warps=warps)
 
     # ------------------------------------------------------------------ restore
-    def restore(self, params, backups):
+    def restore(self, params, backups, *, cache=None):
         n = len(params)
         _check_len("backups", backups, n)
         if n == 0:
