@@ -499,14 +499,14 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
 
     # a backend's multi-tensor operations, called as fsam_kernels.SAM calls them:
     # the same tuples of params, backups and state every step with one cache
-    # dict per call site (backends/base.py), the grads gathered anew each step
+    # dict (backends/base.py), the grads gathered anew each step
     from fsam_kernels.backends import get_backend
 
     be = get_backend(impl, dev)
     ps = tuple(ps)
     ms, vs = tuple(_clone(t["m"])), tuple(_clone(t["v"]))
     steps = tuple(torch.full((), 10.0, dtype=torch.float32, device=dev) for _ in ps)
-    caches = ({}, {}, {})
+    cache: Dict[str, Any] = {}
     norm_sq = torch.zeros((), dtype=be.norm_dtype, device=dev)
     found_inf = torch.zeros((), dtype=torch.float32, device=dev)
     adam = dict(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"],
@@ -516,7 +516,7 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
 
         def step():
             be.restore_adamw(ps, tuple(g2), None, ms, vs, steps, found_inf=found_inf,
-                             cache=caches[2], **adam)
+                             cache=cache, **adam)
 
         return Case(step, lambda: [*ps, *g2, *ms, *vs, *steps])
 
@@ -530,11 +530,11 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
         found_inf.zero_()
         gs1 = tuple(g1)
         be.sq_norm(gs1, v_in, s_in, beta2=hp["beta2"], eps=hp["eps"], precondition=pre,
-                   grad_scale=None, out=norm_sq, cache=caches[0])
+                   grad_scale=None, out=norm_sq, cache=cache)
         be.perturb(ps, gs1, bs, v_in, s_in, rho=hp["rho"], norm_sq=norm_sq, norm_eps=NORM_EPS,
                    beta2=hp["beta2"], eps=hp["eps"], precondition=pre, grad_scale=None,
-                   found_inf=found_inf, cache=caches[1])
-        be.restore_adamw(ps, tuple(g2), bs, ms, vs, steps, found_inf=found_inf, cache=caches[2],
+                   found_inf=found_inf, cache=cache)
+        be.restore_adamw(ps, tuple(g2), bs, ms, vs, steps, found_inf=found_inf, cache=cache,
                          **adam)
 
     return Case(step, lambda: [*ps, *g1, *g2, *bs, *ms, *vs, *steps, norm_sq, found_inf])

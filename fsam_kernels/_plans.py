@@ -3,7 +3,7 @@
 A plan holds, for one parameter group and one phase of the step, the tuples
 the backend is called with on each device (params, backups, exp_avg,
 exp_avg_sq, step), which group positions' grads go into each call, and one
-``cache`` dict per backend call (backends/base.py: the native backends keep
+``cache`` dict per group and device (backends/base.py: the native backends keep
 their validated tensor tables there). A steady-state step then reads each
 parameter's ``.grad`` and checks the gradients, and builds no per-parameter
 lists, dict lookups or tensor hashes: at 10,000 parameters that is most of
@@ -72,7 +72,7 @@ def getter(idx: List[int], n: int):
 class _Call:
     """One backend call of a plan: one device, fixed tensors, its own cache."""
 
-    __slots__ = ("device", "idx", "get", "ps", "bs", "ms", "vs", "ts", "shapes", "caches")
+    __slots__ = ("device", "idx", "get", "ps", "bs", "ms", "vs", "ts", "shapes", "cache")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -83,7 +83,7 @@ class _Call:
         self.vs: Any = []
         self.ts: Any = []
         self.shapes: List[torch.Size] = []
-        self.caches: Tuple[dict, dict] = ({}, {})
+        self.cache: dict = {}   # the backend's, for every call of this group and device
 
     def freeze(self, n: int) -> "_Call":
         self.get = getter(self.idx, n)

@@ -562,7 +562,7 @@ class _SAMBase(torch.optim.Optimizer):
                     gs, c.vs if pre else None, c.ts if pre else None,
                     beta2=beta2, eps=eps, precondition=pre,
                     grad_scale=self._scale_on(grad_scale, c.device), out=norm_sq[c.device],
-                    cache=c.caches[0])
+                    cache=c.cache)
         self._global_sum(norm_sq)
         for gi, group, plan, gss in staged:
             pre = plan.pre
@@ -573,7 +573,7 @@ class _SAMBase(torch.optim.Optimizer):
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
                     beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
                     precondition=pre, grad_scale=self._scale_on(grad_scale, d),
-                    found_inf=self._flag(d), cache=c.caches[1])
+                    found_inf=self._flag(d), cache=c.cache)
         perturbed = [plan.perturbed for *_, plan, _ in staged]
         self._perturbed = perturbed
         # the backups of ``perturbed`` in the same order, for second_step
@@ -832,7 +832,7 @@ class _SAMBase(torch.optim.Optimizer):
             self._share_flags()
         for gi, group, plan, grads in staged:
             for c in plan.without:
-                self._backend(c.device).restore(c.ps, c.bs, cache=c.caches[0])
+                self._backend(c.device).restore(c.ps, c.bs, cache=c.cache)
             beta1, beta2 = group["betas"]
             for calls, has_backup in ((plan.restored, True), (plan.fresh, False)):
                 for c in calls:
@@ -841,7 +841,7 @@ class _SAMBase(torch.optim.Optimizer):
                         c.ps, c.get(grads), c.bs if has_backup else None, c.ms, c.vs, c.ts,
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=scales[d], found_inf=self._flag(d), cache=c.caches[0])
+                        grad_scale=scales[d], found_inf=self._flag(d), cache=c.cache)
         return True
 
     def _second_step_adamw(self, perturbed, scales) -> None:

@@ -811,25 +811,32 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
     same tuples equal three uncached steps bitwise, the table is built once
     and reused (same record object), new grads each step included; a param
     re-pointed with ``.data =`` (new storage), a grad of another dtype and a
-    non-contiguous grad are noticed and computed right."""
+    non-contiguous grad are noticed and computed right. One cache serves the
+    three ops; sq_norm hands its checked grads to perturb only for the same
+    sequence object, and perturb drops them."""
     be = native_backend(device)
     shapes = [(33, 5), (0,), (1000,), (7, 3, 2)]
     a = make_state(shapes, torch.float32, None, device, seed=3, steps=[1, 0, 3, 2])
     b = clone_state(a)
-    ca = {"sq": {}, "pt": {}, "ra": {}}
+    c = {}
+    ca = {"sq": c, "pt": c, "ra": c}
     tup = {k: tuple(v) for k, v in a.items() if k not in ("grads1", "grads2")}
     backups_a = tuple(torch.empty_like(p) for p in a["params"])
     backups_b = [torch.empty_like(p) for p in b["params"]]
     gen = torch.Generator().manual_seed(9)
     recs = []
 
-    def run(st, tp, backups, cache, g1, g2):
+    def run(st, tp, backups, cache, g1, g2, step):
         dev = st["steps"][0].device
         out = torch.zeros((), device=dev)
         fi = torch.zeros((), device=dev)
         kw = dict(beta2=BETA2, eps=EPS, precondition=precondition, grad_scale=None)
         be.sq_norm(g1, tp["exp_avg_sqs"], tp["steps"], out=out,
                    **kw, **({"cache": cache["sq"]} if cache else {}))
+        if cache and step != 3:   # sq_norm hands its checked grads to perturb
+            assert cache["pt"]["grads"][0] is g1
+        if cache and step == 1:   # another sequence object: checked again, not handed
+            g1 = tuple(g1)
         be.perturb(tp["params"], g1, backups, tp["exp_avg_sqs"], tp["steps"], rho=0.05,
                    norm_sq=out, norm_eps=NORM_EPS, found_inf=fi,
                    **kw, **({"cache": cache["pt"]} if cache else {}))
@@ -837,6 +844,7 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
                          tp["steps"], lr=1e-2, beta1=BETA1, beta2=BETA2, eps=EPS,
                          weight_decay=0.01, maximize=False, grad_scale=None, found_inf=fi,
                          **({"cache": cache["ra"]} if cache else {}))
+        assert not cache or "grads" not in cache["pt"]    # the reference is dropped
         return out
 
     for step in range(5):
@@ -849,8 +857,8 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
             g2[2] = g2[2].to(torch.bfloat16)
             g1[0] = g1[0].t().contiguous().t()
         ga1 = tuple(g1) if step != 4 else g1   # any sequence type for the grads
-        na = run(a, tup, backups_a, ca, ga1, tuple(g2))   # the same tuples every step
-        nb = run(b, b, backups_b, None, [g.clone() for g in g1], [g.clone() for g in g2])
+        na = run(a, tup, backups_a, ca, ga1, tuple(g2), step)   # the same tuples every step
+        nb = run(b, b, backups_b, None, [g.clone() for g in g1], [g.clone() for g in g2], step)
         assert_bitwise(na, nb, f"step {step} N²")
         for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
             for i, (x, y) in enumerate(zip(a[k], b[k])):

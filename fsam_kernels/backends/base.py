@@ -23,17 +23,21 @@ Conventions shared by all operations
 - ``norm_sq`` / ``out``: 0-d tensor of dtype ``backend.norm_dtype``
   (float32; float64 in the reference) holding N² of SPEC §1.
 - Hyperparameters are Python floats / bools (never baked into a kernel).
-- ``cache``: ``None`` or a dict owned by the caller and passed again by the
-  same call site on later calls (one dict per call site). A backend may keep
-  the validated tensor table of the call in it; on a later call with the
-  *same sequence objects* (tuples, say) for every list but ``grads``, it may
-  then check only the parameters' data pointers and contiguity and the grads,
-  and trust that the other tensors (backups, exp_avgs, exp_avg_sqs, steps)
-  are the same storage as before. Pass it only for tensors you own and do not
-  re-point (``.data =``) between calls; the optimizers keep one per group and
-  device. Backends that keep no table ignore it. Results never depend on it;
-  the native backends then also leave the version counters of backups and
-  state alone (those of params and the 0-d outputs are bumped as always).
+- ``cache``: ``None`` or a dict owned by the caller, one per parameter group
+  and device, passed to every operation of that group (the operations keep
+  separate entries in it). A backend may keep the validated tensor table of
+  each operation in it; on a later call with the *same sequence objects*
+  (tuples, say) for every list but ``grads``, it may then check only the
+  parameters' data pointers and contiguity and the grads, and trust that the
+  other tensors (backups, exp_avgs, exp_avg_sqs, steps) are the same storage
+  as before. The grads checked by ``sq_norm`` are handed to the next
+  ``perturb`` with the same cache when it gets the same grads sequence
+  object (the optimizers call the two back to back; ``perturb`` drops the
+  reference). Pass a cache only for tensors you own and do not re-point
+  (``.data =``) or reshape in place between calls. Backends that keep no
+  table ignore it. Results never depend on it; the native backends then
+  leave the version counters of backups and state alone (those of params
+  and the 0-d outputs are bumped as always).
 """
 from __future__ import annotations
 

@@ -609,13 +609,16 @@ class _Bound:
 _is = operator.is_
 
 
-def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build):
+def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build, checked=None):
     """The record table of a call with ``cache``: reused when every ``pinned``
     sequence is the same object as at the last call of this slot, the params'
     data pointers are unchanged and they are still contiguous, and the grads
     (checked in full: contiguity, sizes, device, dtypes) fit it; their pointers
-    are then written into the table. Otherwise ``build()`` (the fast path;
-    None when the tensors need the full path, which is not cached)."""
+    are then written into the table. ``checked``: the sq_norm entry that just
+    checked these same grads (same sequence object, handed over in the cache):
+    its sizes, device and dtypes are compared instead and its pointer column
+    copied. Otherwise ``build()`` (the fast path; None when the tensors need
+    the full path, which is not cached)."""
     ent = cache.get(slot)
     if ent is not None:
         try:
@@ -623,6 +626,10 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build)
                     params is None or (tuple(map(_data_ptr, params)) == ent.pptrs
                                        and all(map(_is_contig, params)))):
                 if grads is None:
+                    return ent.rec
+                if (checked is not None and checked.dev == ent.dev
+                        and checked.numel == ent.numel and checked.gdtypes == ent.gdtypes):
+                    ent.rec.a[:, 1] = checked.rec.a[:, 1]
                     return ent.rec
                 if (_fast_ok(grads, ent.dev, ent.numel)
                         and list(map(_dtype_of, grads)) == ent.gdtypes):
@@ -653,8 +660,16 @@ def _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition):
     if cache is None:
         return _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
     pinned = (exp_avg_sqs, steps) if precondition else ()
-    rec = _cached_records(cache, "sq_norm" if precondition else "sq_norm0", pinned, None, grads,
+    slot = "sq_norm" if precondition else "sq_norm0"
+    rec = _cached_records(cache, slot, pinned, None, grads,
                           lambda: _fast_sq_norm(grads, exp_avg_sqs, steps, precondition))
+    ent = cache.get(slot)
+    if rec is not None and ent is not None and ent.rec is rec:
+        # hand the checked grads to the perturb of the same step (which pops
+        # them: the reference lives from here to there)
+        cache["grads"] = (grads, ent)
+    else:
+        cache.pop("grads", None)
     return rec if rec is not None else _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
 
 
@@ -664,9 +679,11 @@ def _records_update_cached(cache, op, params, grads, backups, exp_avgs, exp_avg_
         return _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                                need_steps)
     pinned = (params, backups, exp_avgs, exp_avg_sqs, steps if need_steps else None)
+    handed = cache.pop("grads", None) if op == "perturb" else None
+    checked = handed[1] if handed is not None and handed[0] is grads else None
     rec = _cached_records(cache, op, pinned, params, grads,
                           lambda: _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs,
-                                               steps, need_steps))
+                                               steps, need_steps), checked)
     if rec is None:
         rec = _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                               need_steps)
