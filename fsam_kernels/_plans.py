@@ -92,6 +92,18 @@ class _Call:
         return self
 
 
+def _devices(params) -> Optional[List[torch.device]]:
+    """The parameters' devices in first-seen order; None if one is a DTensor."""
+    devs: List[torch.device] = []
+    for p in params:
+        tp = type(p)
+        if tp is not _Param and tp is not Tensor and is_dtensor(p):
+            return None
+        if p.device not in devs:
+            devs.append(p.device)
+    return devs
+
+
 def _state_entries_same(sds, key, tensors) -> bool:
     try:
         return all(map(is_, map(getitem, sds, repeat(key)), tensors))
@@ -125,17 +137,14 @@ class FirstPlan:
         params = group["params"]
         pre = bool(group["precondition"])
         calls: Dict[torch.device, _Call] = {}
-        devs: List[torch.device] = []
+        devs = _devices(params)
+        if devs is None:
+            return None
         sds = []
         for i, p in enumerate(params):
-            tp = type(p)
-            if tp is not _Param and tp is not Tensor and is_dtensor(p):
-                return None
-            d = p.device
-            if d not in devs:
-                devs.append(d)
             if grads[i] is None:
                 continue
+            d = p.device
             c = calls.get(d)
             if c is None:
                 c = calls[d] = _Call(d)
@@ -195,15 +204,12 @@ class SecondPlan:
         restored: Dict[torch.device, _Call] = {}
         fresh: Dict[torch.device, _Call] = {}
         clip: Dict[torch.device, _Call] = {}
-        devs: List[torch.device] = []
+        devs = _devices(params)
+        if devs is None:
+            return None
         sd_of = {}
         for i, p in enumerate(params):
-            tp = type(p)
-            if tp is not _Param and tp is not Tensor and is_dtensor(p):
-                return None
             d = p.device
-            if d not in devs:
-                devs.append(d)
             k = id(p)
             if grads[i] is None:
                 if k in bmap:
