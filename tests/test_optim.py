@@ -468,7 +468,8 @@ def test_fast_path_equals_general_path(backend, variant):
     (groups, preconditioning, parameters without a pass-1 or pass-2 grad, loss
     scale, clipping, skips). "changes": between steps a parameter is re-pointed
     (``.data =``: new storage, new dtype), state tensors are replaced by
-    assignment and by ``load_state_dict``; the plans notice each."""
+    assignment and by ``load_state_dict``, and re-pointed in place (same
+    objects, new storage); the plans and the native tables notice each."""
     if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
         pytest.skip("native cpu backend not built")
 
@@ -485,7 +486,8 @@ def test_fast_path_equals_general_path(backend, variant):
             opt._first_step_fast = lambda *a: False
             opt._second_step_fast = lambda *a: False
         out = []
-        for step in range(6):
+        junk = []
+        for step in range(7):
             if variant == "changes" and step == 2:
                 params[0].data = params[0].data.clone()      # new storage
                 params[3].data = params[3].data.to(torch.bfloat16)   # new dtype: new backup
@@ -494,6 +496,11 @@ def test_fast_path_equals_general_path(backend, variant):
                     st = opt.state[params[i]]
                     st["exp_avg"] = st["exp_avg"] * 0.5
                     st["exp_avg_sq"] = st["exp_avg_sq"] * 2.0
+            if variant == "changes" and step == 5:   # the "move the optimizer" snippet
+                for st in opt.state.values():
+                    for v in st.values():
+                        v.data = v.data.clone()          # same objects, new storage
+                junk = [torch.full((3, 3), 7.0) for _ in range(20)]  # reuses freed memory
             if variant == "changes" and step == 4:
                 sd = copy.deepcopy(opt.state_dict())
                 for st in sd["state"].values():
@@ -518,6 +525,7 @@ def test_fast_path_equals_general_path(backend, variant):
         for p in params:
             st = opt.state.get(p, {})
             out.append([st[k].clone() for k in sorted(st)])
+        assert all(bool((j == 7.0).all()) for j in junk)   # nothing wrote to freed memory
         return out
 
     for a, b in zip(run(True), run(False)):

@@ -28,14 +28,13 @@ Conventions shared by all operations
   separate entries in it). A backend may keep the validated tensor table of
   each operation in it; on a later call with the *same sequence objects*
   (tuples, say) for every list but ``grads``, it may then check only the
-  parameters' data pointers and contiguity and the grads, and trust that the
-  other tensors (backups, exp_avgs, exp_avg_sqs, steps) are the same storage
-  as before. The grads checked by ``sq_norm`` are handed to the next
-  ``perturb`` with the same cache when it gets the same grads sequence
-  object (the optimizers call the two back to back; ``perturb`` drops the
-  reference). Pass a cache only for tensors you own and do not re-point
-  (``.data =``) or reshape in place between calls. Backends that keep no
-  table ignore it. Results never depend on it; the native backends then
+  tensors' data pointers (a ``.data =`` re-pointing is always noticed), the
+  parameters' contiguity, and the grads. The grads checked by ``sq_norm``
+  are handed to the next ``perturb`` with the same cache when it gets the
+  same grads sequence object (the optimizers call the two back to back;
+  ``perturb`` drops the reference). Pass a cache only for tensors you own
+  and do not reshape in place (``resize_``, ``t_``, ``as_strided_``)
+  between calls. Backends that keep no table ignore it. Results never depend on it; the native backends then
   leave the version counters of backups and state alone (those of params
   and the 0-d outputs are bumped as always).
 """

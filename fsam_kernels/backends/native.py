@@ -609,10 +609,17 @@ class _Bound:
 _is = operator.is_
 
 
+def _pinned_ptrs(pinned) -> tuple:
+    """Every data pointer of the pinned sequences: a tensor re-pointed with
+    ``.data =`` (params by ``module.to()``, state by "move the optimizer"
+    snippets) must never leave a stale pointer in a cached table."""
+    return tuple(None if seq is None else tuple(map(_data_ptr, seq)) for seq in pinned)
+
+
 def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build, checked=None):
     """The record table of a call with ``cache``: reused when every ``pinned``
-    sequence is the same object as at the last call of this slot, the params'
-    data pointers are unchanged and they are still contiguous, and the grads
+    sequence is the same object as at the last call of this slot, with every
+    tensor's data pointer unchanged, the params still contiguous, and the grads
     (checked in full: contiguity, sizes, device, dtypes) fit it; their pointers
     are then written into the table. ``checked``: the sq_norm entry that just
     checked these same grads (same sequence object, handed over in the cache):
@@ -622,9 +629,8 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build,
     ent = cache.get(slot)
     if ent is not None:
         try:
-            if all(map(_is, pinned, ent.pinned)) and (
-                    params is None or (tuple(map(_data_ptr, params)) == ent.pptrs
-                                       and all(map(_is_contig, params)))):
+            if (all(map(_is, pinned, ent.pinned)) and _pinned_ptrs(pinned) == ent.pptrs
+                    and (params is None or all(map(_is_contig, params)))):
                 if grads is None:
                     return ent.rec
                 if (checked is not None and checked.dev == ent.dev
@@ -649,7 +655,7 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build,
         ent.dev = first[0].get_device()
         ent.numel = list(map(_numel, first))
         ent.gdtypes = None if grads is None else list(map(_dtype_of, grads))
-        ent.pptrs = None if params is None else tuple(map(_data_ptr, params))
+        ent.pptrs = _pinned_ptrs(pinned)
         cache[slot] = ent
     except Exception:
         cache.pop(slot, None)
