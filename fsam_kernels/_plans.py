@@ -15,9 +15,12 @@ A plan is reused while
   (``p.data = ...``, ``module.to()`` and ``.half()`` rebuild it, with new
   backups where the shape, dtype or strides changed);
 - the same parameters have a gradient (``grad is None`` pattern);
-- ``optimizer.state`` is the same dict, and for every planned parameter the
-  state entries are the same tensor objects (``load_state_dict`` and
-  assignment of new state tensors rebuild it; in-place changes need nothing);
+- ``optimizer.state`` is the same dict with the same per-parameter dicts
+  (checked once per phase by the optimizer: ``load_state_dict``, ``clear()``,
+  ``del``, ``state[p] = {}`` drop every plan), and for every planned
+  parameter the state entries are the same tensor objects (assignment of a
+  new state tensor rebuilds it; in-place changes need nothing; a tensor
+  re-pointed in place is caught by the native backends' pointer checks);
 - for the second phase, the first phase used the same plan.
 
 Tensors changed in shape or strides in place keeping their storage pointer

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -50,6 +51,7 @@ from .functional import differentiable_items, flatten_output
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
 _NORM_EPS = 1e-12
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 #: per-parameter state keys of the AdamW-based optimizers (torch.optim.AdamW names)
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
@@ -515,6 +517,30 @@ class _SAMBase(torch.optim.Optimizer):
         self._perturbed = perturbed
         self._last_norm_sq = norm_sq
 
+    def _plans_usable(self) -> bool:
+        """Whether the cached plans may run this phase (eager, no dispatch mode);
+        drops them all when ``optimizer.state`` changed since they were made
+        (replaced, cleared, an entry added, removed or replaced: the plans
+        hold the old per-parameter dicts) and those of removed groups."""
+        if torch.compiler.is_compiling() or _dispatch_depth():
+            return False
+        plans = self._plans
+        if plans:
+            snap = self._step_vars.get("state_snapshot")
+            st = self.state
+            if (snap is None or snap[0] is not st or len(st) != len(snap[1])
+                    or not all(map(operator.is_, st.values(), snap[1]))):
+                plans.clear()
+            else:
+                n = len(self.param_groups)
+                for key in [k for k in plans if k[1] >= n]:
+                    del plans[key]
+        return True
+
+    def _snapshot_state(self) -> None:
+        """Remember ``optimizer.state`` as the plans saw it (``_plans_usable``)."""
+        self._step_vars["state_snapshot"] = (self.state, tuple(self.state.values()))
+
     def _first_step_fast(self, grad_scale, found_inf) -> bool:
         """first_step without DTensors, in eager mode: the same backend calls as
         ``_first_step_general`` (same tensors, same order) from cached per-group
@@ -522,7 +548,7 @@ class _SAMBase(torch.optim.Optimizer):
         (but fresh zero state of preconditioned parameters, as the general path
         does), when a DTensor is present, under torch.compile, or in
         ``base_optimizer`` mode."""
-        if self._base_mode or torch.compiler.is_compiling():
+        if self._base_mode or not self._plans_usable():
             return False
         plans = self._plans
         staged = []
@@ -539,6 +565,7 @@ class _SAMBase(torch.optim.Optimizer):
                 staged.append((gi, group, plan, [c.get(grads) for c in plan.calls]))
         except RuntimeError:  # tensors without storage (meta, fake): the general path says
             return False
+        self._snapshot_state()
         for gi, group, plan, gss in staged:   # every grad checked before any change
             for c, gs in zip(plan.calls, gss):
                 if not check_grads(self, gi, c, gs, group["params"], "pass-1"):
@@ -767,7 +794,7 @@ class _SAMBase(torch.optim.Optimizer):
         per-group plans, every grad checked before anything is changed.
         Returns False, having changed nothing, when a DTensor is present or
         under torch.compile."""
-        if torch.compiler.is_compiling():
+        if not self._plans_usable():
             return False
         pb = self._step_vars.get("perturbed_backups")
         pbk = pb[1] if pb is not None and pb[0] is perturbed else None
@@ -807,6 +834,7 @@ class _SAMBase(torch.optim.Optimizer):
                 plans[("second", gi)] = plan
             for c in plan.clip:
                 clip_gs.setdefault(c.device, []).extend(c.get(grads))
+        self._snapshot_state()
         staged = [st[:4] for st in staged]
         all_devs = {d for *_, plan, _ in staged for d in plan.devs}
         for d in all_devs:
@@ -1016,6 +1044,16 @@ class _SAMBase(torch.optim.Optimizer):
 
     def _pass2_backward(self, output, loss, cot):
         loss.backward()
+
+    # -- copy / pickle ---------------------------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        """Everything but the cached plans (rebuilt on the next step): torch's
+        ``Optimizer.__getstate__`` keeps only defaults, state and groups, which
+        would leave a ``copy.deepcopy`` of this optimizer without its settings."""
+        d = dict(self.__dict__)
+        d["_plans"] = {}
+        d["_step_vars"] = {k: v for k, v in self._step_vars.items() if k != "state_snapshot"}
+        return d
 
     # -- state_dict -----------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -833,8 +833,10 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
         kw = dict(beta2=BETA2, eps=EPS, precondition=precondition, grad_scale=None)
         be.sq_norm(g1, tp["exp_avg_sqs"], tp["steps"], out=out,
                    **kw, **({"cache": cache["sq"]} if cache else {}))
-        if cache and step != 3:   # sq_norm hands its checked grads to perturb
+        if cache and step not in (3, 4):   # sq_norm hands its checked grads (a tuple)
             assert cache["pt"]["grads"][0] is g1
+        if cache and step == 4:            # ... but never a list (mutable)
+            assert "grads" not in cache["pt"]
         if cache and step == 1:   # another sequence object: checked again, not handed
             g1 = tuple(g1)
         be.perturb(tp["params"], g1, backups, tp["exp_avg_sqs"], tp["steps"], rho=0.05,
@@ -866,6 +868,32 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
         recs.append(ca["ra"]["restore_adamw"].rec if "restore_adamw" in ca["ra"] else None)
     assert recs[0] is not None and recs[1] is recs[0]          # reused in a steady state
     assert recs[2] is not recs[1]                              # new pointers: rebuilt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_call_site_cache_with_lists_checks_every_call(device):
+    """Lists are mutable: with a cache, an element replaced in the same list
+    object (backups, grads) between calls is used, never a stale pointer."""
+    be = native_backend(device)
+    cache = {}
+    params = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
+    backups = [torch.full((5,), 1.0, device=device), torch.full((3,), 2.0, device=device)]
+    be.restore(params, backups, cache=cache)
+    backups[1] = torch.full((3,), 9.0, device=device)        # same list, new element
+    be.restore(params, backups, cache=cache)
+    assert torch.equal(params[1], torch.full((3,), 9.0, device=device))
+    grads = [torch.ones(5, device=device), torch.ones(3, device=device)]
+    out = torch.zeros((), device=device)
+    fi = torch.zeros((), device=device)
+    kw = dict(beta2=BETA2, eps=EPS, precondition=False, grad_scale=None)
+    be.sq_norm(grads, None, None, out=out, cache=cache, **kw)
+    grads[0] = torch.zeros(5, device=device)                 # replaced before perturb
+    bk = [torch.empty_like(p) for p in params]
+    before = [p.clone() for p in params]
+    be.perturb(params, grads, bk, None, None, rho=0.1, norm_sq=out, norm_eps=NORM_EPS,
+               found_inf=fi, cache=cache, **kw)
+    assert torch.equal(params[0], before[0])                 # its grad is now zero
+    assert not torch.equal(params[1], before[1])
 
 
 def test_eager_calls_skip_the_dispatcher_only_outside_modes():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -557,3 +558,88 @@ def test_plans_are_reused_in_a_steady_state():
     assert seen[3][0] is not seen[2][0]          # re-pointed parameter
     assert seen[4][0] is not seen[3][0]          # params[2] without a pass-1 grad
     assert seen[4][1] is not seen[3][1]          # ... so not perturbed
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("reset", ["clear", "assign", "del", "replace"])
+def test_state_resets_mid_run_are_seen(backend, reset):
+    """``opt.state.clear()``, ``opt.state[p] = {}``, ``del opt.state[p]`` or a new
+    ``optimizer.state`` mid-run restart those moments, as torch's AdamW does
+    (rho = 0: SAM is AdamW), though the cached plans hold the old dicts."""
+    if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
+        pytest.skip("native cpu backend not built")
+    torch.manual_seed(0)
+    w0 = [torch.randn(4, 3), torch.randn(5)]
+    a = [nn.Parameter(w.clone()) for w in w0]
+    b = [nn.Parameter(w.clone()) for w in w0]
+    sam = SAM(a, lr=1e-2, rho=0.0, backend=backend)
+    ref = torch.optim.AdamW(b, lr=1e-2, foreach=False)
+    for step in range(6):
+        if step == 3:
+            for o, ps in ((sam, a), (ref, b)):
+                if reset == "clear":
+                    o.state.clear()
+                elif reset == "assign":
+                    o.state[ps[0]] = {}
+                elif reset == "del":
+                    del o.state[ps[1]]
+                else:
+                    o.state = defaultdict(dict)
+        gs = [torch.randn_like(p) for p in a]
+        _set_grads(b, [g.clone() for g in gs])
+        ref.step()
+        _set_grads(a, gs)
+        sam.first_step()
+        _set_grads(a, [g.clone() for g in gs])
+        sam.second_step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-6, atol=1e-7)
+    assert len(sam.state_dict()["state"]) == 2
+
+
+def test_removed_group_and_state_are_not_kept_alive():
+    """Plans of a removed parameter group, or of state that was cleared, hold
+    no tensors after the next step."""
+    import gc
+    import weakref
+
+    params = [torch.randn(3), torch.randn(4)]
+    opt = SAM([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2, backend="foreach")
+    for _ in range(2):
+        _set_grads(params, [torch.randn_like(p) for p in params])
+        opt.first_step()
+        opt.second_step()
+    dead = [weakref.ref(t) for t in opt.state[params[1]].values()] + [weakref.ref(params[1])]
+    del opt.param_groups[1]
+    del opt.state[params[1]]
+    opt._backups.pop(params[1])
+    del params[1]
+    _set_grads(params, [torch.randn_like(params[0])])
+    opt.first_step()
+    opt.second_step()
+    gc.collect()
+    assert all(r() is None for r in dead)
+
+
+def test_deepcopy_keeps_settings_and_steps_alike():
+    import copy as _copy
+
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6))
+    opt = SAM([p], lr=1e-2, rho=0.1, backend="foreach", max_grad_norm=1.0)
+    g = [torch.randn(6) for _ in range(4)]
+    for k in range(2):
+        _set_grads([p], [g[k]])
+        opt.first_step()
+        _set_grads([p], [g[k]])
+        opt.second_step()
+    twin = _copy.deepcopy(opt)
+    q = twin.param_groups[0]["params"][0]
+    assert twin.max_grad_norm == 1.0 and twin.backend_name == "foreach"
+    for k in range(2, 4):
+        for o, t in ((opt, p), (twin, q)):
+            _set_grads([t], [g[k]])
+            o.first_step()
+            _set_grads([t], [g[k]])
+            o.second_step()
+    assert torch.equal(p.detach(), q.detach())

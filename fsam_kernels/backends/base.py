@@ -26,12 +26,13 @@ Conventions shared by all operations
 - ``cache``: ``None`` or a dict owned by the caller, one per parameter group
   and device, passed to every operation of that group (the operations keep
   separate entries in it). A backend may keep the validated tensor table of
-  each operation in it; on a later call with the *same sequence objects*
-  (tuples, say) for every list but ``grads``, it may then check only the
+  each operation in it; on a later call with the *same tuple objects* for
+  every list but ``grads`` (lists, being mutable, are checked in full
+  every call), it may then check only the
   tensors' data pointers (a ``.data =`` re-pointing is always noticed), the
   parameters' contiguity, and the grads. The grads checked by ``sq_norm``
   are handed to the next ``perturb`` with the same cache when it gets the
-  same grads sequence object (the optimizers call the two back to back;
+  same grads tuple (the optimizers call the two back to back;
   ``perturb`` drops the reference). Pass a cache only for tensors you own
   and do not reshape in place (``resize_``, ``t_``, ``as_strided_``)
   between calls. Backends that keep no table ignore it. Results never depend on it; the native backends then

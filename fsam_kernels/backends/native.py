@@ -662,15 +662,21 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build,
     return rec
 
 
+def _cacheable(cache, pinned) -> bool:
+    """Only immutable sequences are pinned: a list could have an element
+    replaced between calls while staying the same object."""
+    return cache is not None and all(seq is None or type(seq) is tuple for seq in pinned)
+
+
 def _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition):
-    if cache is None:
-        return _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
     pinned = (exp_avg_sqs, steps) if precondition else ()
+    if not _cacheable(cache, pinned):
+        return _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
     slot = "sq_norm" if precondition else "sq_norm0"
     rec = _cached_records(cache, slot, pinned, None, grads,
                           lambda: _fast_sq_norm(grads, exp_avg_sqs, steps, precondition))
     ent = cache.get(slot)
-    if rec is not None and ent is not None and ent.rec is rec:
+    if rec is not None and ent is not None and ent.rec is rec and type(grads) is tuple:
         # hand the checked grads to the perturb of the same step (which pops
         # them: the reference lives from here to there)
         cache["grads"] = (grads, ent)
@@ -681,10 +687,10 @@ def _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition):
 
 def _records_update_cached(cache, op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                            need_steps):
-    if cache is None:
+    pinned = (params, backups, exp_avgs, exp_avg_sqs, steps if need_steps else None)
+    if not _cacheable(cache, pinned):
         return _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                                need_steps)
-    pinned = (params, backups, exp_avgs, exp_avg_sqs, steps if need_steps else None)
     handed = cache.pop("grads", None) if op == "perturb" else None
     checked = handed[1] if handed is not None and handed[0] is grads else None
     rec = _cached_records(cache, op, pinned, params, grads,
