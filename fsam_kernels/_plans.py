@@ -11,9 +11,9 @@ the optimizer's own time (docs/loops.md, "Per-step overhead").
 
 A plan is reused while
 
-- the group holds the same parameter objects, with the same data pointers
-  (``p.data = ...``, ``module.to()`` and ``.half()`` rebuild it, with new
-  backups where the shape, dtype or strides changed);
+- the group holds the same parameter objects, with the same data pointers,
+  shapes and dtypes (``p.data = ...``, ``module.to()`` and ``.half()`` rebuild it,
+  with new backups where the shape, dtype or strides changed);
 - the same parameters have a gradient (``grad is None`` pattern);
 - ``optimizer.state`` is the same dict with the same per-parameter dicts
   (checked once per phase by the optimizer: ``load_state_dict``, ``clear()``,
@@ -44,6 +44,7 @@ __all__ = ["FirstPlan", "SecondPlan", "grads_of", "grad_mask", "getter"]
 _grad_of = attrgetter("grad")
 _layout_of = attrgetter("layout")
 _shape_of = attrgetter("shape")
+_dtype_of = attrgetter("dtype")
 _data_ptr = Tensor.data_ptr
 _STRIDED = {torch.strided}
 _PLAIN_GRAD = {Tensor}
@@ -131,8 +132,8 @@ def check_grads(opt, gi: int, call: _Call, gs, params, which: str) -> bool:
 class FirstPlan:
     """first_step of one group: per device, the sq_norm + perturb call."""
 
-    __slots__ = ("params", "ptrs", "mask", "pre", "state", "sds", "vs", "ts", "calls", "devs",
-                 "perturbed", "backups")
+    __slots__ = ("params", "ptrs", "shapes", "dtypes", "mask", "pre", "state", "sds", "vs", "ts",
+                 "calls", "devs", "perturbed", "backups")
 
     @classmethod
     def build(cls, opt, group, grads, mask) -> Optional["FirstPlan"]:
@@ -163,6 +164,8 @@ class FirstPlan:
         self = cls()
         self.params = tuple(params)
         self.ptrs = tuple(map(_data_ptr, params))
+        self.shapes = list(map(_shape_of, params))
+        self.dtypes = list(map(_dtype_of, params))
         self.mask = mask
         self.pre = pre
         self.state = opt.state
@@ -181,7 +184,9 @@ class FirstPlan:
         if (mask != self.mask or bool(group["precondition"]) != self.pre
                 or opt.state is not self.state or len(params) != len(self.params)
                 or not all(map(is_, params, self.params))
-                or tuple(map(_data_ptr, params)) != self.ptrs):
+                or tuple(map(_data_ptr, params)) != self.ptrs
+                or list(map(_shape_of, params)) != self.shapes
+                or list(map(_dtype_of, params)) != self.dtypes):
             return False
         return not self.pre or (_state_entries_same(self.sds, "exp_avg_sq", self.vs)
                                 and _state_entries_same(self.sds, "step", self.ts))
@@ -193,8 +198,8 @@ class SecondPlan:
     unperturbed ones with a grad (``fresh``), and the grads in parameter order
     (``clip``: the update gradient's norm, the inf/NaN check)."""
 
-    __slots__ = ("params", "mask", "perturbed", "backups", "state", "sds", "ms", "vs", "ts",
-                 "without", "restored", "fresh", "clip", "devs")
+    __slots__ = ("params", "shapes", "mask", "perturbed", "backups", "state", "sds", "ms", "vs",
+                 "ts", "without", "restored", "fresh", "clip", "devs")
 
     @classmethod
     def build(cls, opt, group, grads, mask, perturbed, backups) -> Optional["SecondPlan"]:
@@ -236,6 +241,7 @@ class SecondPlan:
         n = len(params)
         self = cls()
         self.params = tuple(params)
+        self.shapes = list(map(_shape_of, params))
         self.mask = mask
         self.perturbed = perturbed
         self.backups = backups
@@ -258,6 +264,7 @@ class SecondPlan:
         return (mask == self.mask and perturbed is self.perturbed and backups is self.backups
                 and opt.state is self.state and len(params) == len(self.params)
                 and all(map(is_, params, self.params))
+                and list(map(_shape_of, params)) == self.shapes
                 and _state_entries_same(self.sds, "exp_avg", self.ms)
                 and _state_entries_same(self.sds, "exp_avg_sq", self.vs)
                 and _state_entries_same(self.sds, "step", self.ts))

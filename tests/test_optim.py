@@ -643,3 +643,57 @@ def test_deepcopy_keeps_settings_and_steps_alike():
             _set_grads([t], [g[k]])
             o.second_step()
     assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpu"])
+def test_param_or_state_resized_under_a_plan_is_an_error(backend):
+    """A parameter shrunk with ``p.data = p.data[:10]`` (same address) while its
+    grad keeps the old shape, or a state tensor re-pointed to a buffer of
+    another size, raises as the plan-free path does: never a write past a
+    buffer (the plans compare shapes and dtypes; the native tables hold the
+    state's storages, so an address cannot come back with another size)."""
+    if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
+        pytest.skip("native cpu backend not built")
+    p = nn.Parameter(torch.randn(1000))
+    opt = SAM([p], lr=1e-2, backend=backend)
+    for _ in range(2):
+        _set_grads([p], [torch.randn(1000)])
+        opt.first_step()
+        _set_grads([p], [torch.randn(1000)])
+        opt.second_step()
+    _set_grads([p], [torch.randn(1000)])
+    p.data = p.data[:10]
+    with pytest.raises(RuntimeError, match="gradient has shape"):
+        opt.first_step()
+    p.data = torch.randn(1000)
+    st = opt.state[p]
+    st["exp_avg"].data = torch.zeros(700)
+    _set_grads([p], [torch.randn(1000)])
+    with pytest.raises((RuntimeError, ValueError), match="700"):
+        opt.first_step()
+        _set_grads([p], [torch.randn(1000)])
+        opt.second_step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_state_version_counters_are_bumped(backend):
+    """A state tensor saved for backward and then updated by a step makes that
+    backward raise, as with torch.optim.AdamW (autograd's in-place check)."""
+    if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
+        pytest.skip("native cpu backend not built")
+    p = nn.Parameter(torch.randn(5))
+    opt = SAM([p], lr=1e-2, backend=backend)
+    for _ in range(2):
+        _set_grads([p], [torch.randn(5)])
+        opt.first_step()
+        _set_grads([p], [torch.randn(5)])
+        opt.second_step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        x = torch.randn(5, requires_grad=True)
+        y = (x * opt.state[p][key]).sum()       # saves the state tensor
+        _set_grads([p], [torch.randn(5)])
+        opt.first_step()
+        _set_grads([p], [torch.randn(5)])
+        opt.second_step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()

@@ -27,17 +27,15 @@ Conventions shared by all operations
   and device, passed to every operation of that group (the operations keep
   separate entries in it). A backend may keep the validated tensor table of
   each operation in it; on a later call with the *same tuple objects* for
-  every list but ``grads`` (lists, being mutable, are checked in full
-  every call), it may then check only the
-  tensors' data pointers (a ``.data =`` re-pointing is always noticed), the
-  parameters' contiguity, and the grads. The grads checked by ``sq_norm``
-  are handed to the next ``perturb`` with the same cache when it gets the
-  same grads tuple (the optimizers call the two back to back;
-  ``perturb`` drops the reference). Pass a cache only for tensors you own
-  and do not reshape in place (``resize_``, ``t_``, ``as_strided_``)
-  between calls. Backends that keep no table ignore it. Results never depend on it; the native backends then
-  leave the version counters of backups and state alone (those of params
-  and the 0-d outputs are bumped as always).
+  every list but ``grads`` (lists, being mutable, are checked in full every
+  call), it may then check only the tensors' data pointers, the parameters'
+  contiguity, sizes and dtypes, and the grads in full. The native backends
+  hold the storages of the cached backups and state, so an unchanged pointer
+  means the same storage (a ``.data =`` re-pointing is always noticed). Pass
+  a cache only for tensors you own and do not reshape in place within their
+  storage (``resize_``, ``as_strided_``, ``.data = x.view(...)`` of another
+  size) between calls. Backends that keep no table ignore it. Results never
+  depend on it.
 """
 from __future__ import annotations
 

@@ -603,10 +603,11 @@ def _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps, ne
 class _Bound:
     """A call site's validated table (``cache=`` of the Backend interface)."""
 
-    __slots__ = ("pinned", "rec", "dev", "numel", "gdtypes", "pptrs")
+    __slots__ = ("pinned", "rec", "dev", "numel", "pdtypes", "gdtypes", "pptrs", "storages")
 
 
 _is = operator.is_
+_storage_of = Tensor.untyped_storage
 
 
 def _pinned_ptrs(pinned) -> tuple:
@@ -616,26 +617,27 @@ def _pinned_ptrs(pinned) -> tuple:
     return tuple(None if seq is None else tuple(map(_data_ptr, seq)) for seq in pinned)
 
 
-def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build, checked=None):
+def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build):
     """The record table of a call with ``cache``: reused when every ``pinned``
-    sequence is the same object as at the last call of this slot, with every
-    tensor's data pointer unchanged, the params still contiguous, and the grads
-    (checked in full: contiguity, sizes, device, dtypes) fit it; their pointers
-    are then written into the table. ``checked``: the sq_norm entry that just
-    checked these same grads (same sequence object, handed over in the cache):
-    its sizes, device and dtypes are compared instead and its pointer column
-    copied. Otherwise ``build()`` (the fast path; None when the tensors need
-    the full path, which is not cached)."""
+    sequence is the same object as at the last call of this slot with every
+    tensor's data pointer unchanged, the params still contiguous with the same
+    sizes and dtypes, and the grads (checked in full: contiguity, sizes,
+    device, dtypes) fit it; their pointers are then written into the table.
+    The entry holds the storages of the pinned tensors other than the params,
+    so none of their addresses can be reused by another allocation while the
+    table names it (an unchanged pointer then means the same storage). The
+    params are checked in full instead (holding theirs would keep a model's
+    old weights alive after ``model.half()``). Otherwise ``build()`` (the
+    fast path; None when the tensors need the full path, which is not
+    cached)."""
     ent = cache.get(slot)
     if ent is not None:
         try:
             if (all(map(_is, pinned, ent.pinned)) and _pinned_ptrs(pinned) == ent.pptrs
-                    and (params is None or all(map(_is_contig, params)))):
+                    and (params is None or (all(map(_is_contig, params))
+                                            and list(map(_numel, params)) == ent.numel
+                                            and list(map(_dtype_of, params)) == ent.pdtypes))):
                 if grads is None:
-                    return ent.rec
-                if (checked is not None and checked.dev == ent.dev
-                        and checked.numel == ent.numel and checked.gdtypes == ent.gdtypes):
-                    ent.rec.a[:, 1] = checked.rec.a[:, 1]
                     return ent.rec
                 if (_fast_ok(grads, ent.dev, ent.numel)
                         and list(map(_dtype_of, grads)) == ent.gdtypes):
@@ -643,9 +645,9 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build,
                     return ent.rec
         except Exception:  # tensors without storage etc.: rebuild (and explain) below
             pass
+    cache.pop(slot, None)
     rec = build()
     if rec is None or rec.n == 0:
-        cache.pop(slot, None)
         return rec
     try:
         ent = _Bound()
@@ -654,8 +656,12 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build,
         first = params if params is not None else grads
         ent.dev = first[0].get_device()
         ent.numel = list(map(_numel, first))
+        ent.pdtypes = None if params is None else list(map(_dtype_of, params))
         ent.gdtypes = None if grads is None else list(map(_dtype_of, grads))
         ent.pptrs = _pinned_ptrs(pinned)
+        ent.storages = [list(map(_storage_of, seq)) for seq in pinned[1:] if seq is not None] \
+            if params is not None else [list(map(_storage_of, seq)) for seq in pinned
+                                        if seq is not None]
         cache[slot] = ent
     except Exception:
         cache.pop(slot, None)
@@ -672,16 +678,8 @@ def _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition):
     pinned = (exp_avg_sqs, steps) if precondition else ()
     if not _cacheable(cache, pinned):
         return _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
-    slot = "sq_norm" if precondition else "sq_norm0"
-    rec = _cached_records(cache, slot, pinned, None, grads,
+    rec = _cached_records(cache, "sq_norm" if precondition else "sq_norm0", pinned, None, grads,
                           lambda: _fast_sq_norm(grads, exp_avg_sqs, steps, precondition))
-    ent = cache.get(slot)
-    if rec is not None and ent is not None and ent.rec is rec and type(grads) is tuple:
-        # hand the checked grads to the perturb of the same step (which pops
-        # them: the reference lives from here to there)
-        cache["grads"] = (grads, ent)
-    else:
-        cache.pop("grads", None)
     return rec if rec is not None else _records_sq_norm(grads, exp_avg_sqs, steps, precondition)
 
 
@@ -691,11 +689,9 @@ def _records_update_cached(cache, op, params, grads, backups, exp_avgs, exp_avg_
     if not _cacheable(cache, pinned):
         return _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                                need_steps)
-    handed = cache.pop("grads", None) if op == "perturb" else None
-    checked = handed[1] if handed is not None and handed[0] is grads else None
     rec = _cached_records(cache, op, pinned, params, grads,
                           lambda: _fast_update(params, grads, backups, exp_avgs, exp_avg_sqs,
-                                               steps, need_steps), checked)
+                                               steps, need_steps))
     if rec is None:
         rec = _records_update(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
                               need_steps)
@@ -790,10 +786,7 @@ _NS = "fsam_kernels"
 
 
 def _bump(tensors):
-    """Version counters of tensors written by a kernel (autograd's in-place checks).
-    With ``cache`` (the optimizers' calls) only the parameters' (and the 0-d
-    outputs'): backups and state are then private to the caller, and a bump
-    costs ~0.2 us per tensor."""
+    """Version counters of tensors written by a kernel (autograd's in-place checks)."""
     if len(tensors):
         torch.autograd.graph.increment_version(tensors)
 
@@ -845,8 +838,7 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
         lib = _cpu_lib_or_raise()
         _check_rc(lib.fsam_cpu_perturb(rec.ptr(), rec.n, *args), lib, "cpu")
     _bump(params)
-    if cache is None:  # with a cache the backups are the caller's own (base.py)
-        _bump(backups)
+    _bump(backups)
     _bump((found_inf,))
 
 
@@ -874,10 +866,9 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
         lib = _cpu_lib_or_raise()
         _check_rc(lib.fsam_cpu_restore_adamw(rec.ptr(), rec.n, *args), lib, "cpu")
     _bump(params)
-    if cache is None:  # with a cache the state is the caller's own (base.py)
-        _bump(exp_avgs)
-        _bump(exp_avg_sqs)
-        _bump(steps)
+    _bump(exp_avgs)
+    _bump(exp_avg_sqs)
+    _bump(steps)
 
 
 def _restore_impl(params: List[Tensor], backups: List[Tensor],
