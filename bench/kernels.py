@@ -441,6 +441,21 @@ class Case:
         self.fn = self.held = None  # type: ignore[assignment]
 
 
+def _two_pass_step(opt, ps, g1, g2) -> Callable[[], None]:
+    """One optimizer-level SAM step with fixed fake grads: g1 for the ascent, g2
+    for the descent (set as ``.grad`` as a backward would)."""
+
+    def step():
+        for p, g in zip(ps, g1):
+            p.grad = g
+        opt.first_step()
+        for p, g in zip(ps, g2):
+            p.grad = g
+        opt.second_step()
+
+    return step
+
+
 def build_case(case: Dict[str, Any], device: str) -> Case:
     method, impl = case["method"], case["impl"]
     dev = torch.device(device)
@@ -467,15 +482,8 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
         opt = CommonSAM(ps, rho=hp["rho"], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]),
                         eps=hp["eps"], weight_decay=hp["weight_decay"])
 
-        def step():
-            for p, g in zip(ps, g1):
-                p.grad = g
-            opt.first_step()
-            for p, g in zip(ps, g2):
-                p.grad = g
-            opt.second_step()
-
-        return Case(step, lambda: ps + g1 + g2 + _opt_state_tensors(opt)
+        return Case(_two_pass_step(opt, ps, g1, g2),
+                    lambda: ps + g1 + g2 + _opt_state_tensors(opt)
                     + _opt_state_tensors(opt.base_optimizer),
                     note=f"AdamW {opt.base_impl}" + (f" ({opt.base_note})" if opt.base_note else ""))
 
@@ -485,15 +493,8 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
         opt = fsam_kernels.SAM(ps, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
                                weight_decay=hp["weight_decay"], rho=hp["rho"], backend="auto")
 
-        def step():
-            for p, g in zip(ps, g1):
-                p.grad = g
-            opt.first_step()
-            for p, g in zip(ps, g2):
-                p.grad = g
-            opt.second_step()
-
-        return Case(step, lambda: ps + g1 + g2 + _opt_state_tensors(opt)
+        return Case(_two_pass_step(opt, ps, g1, g2),
+                    lambda: ps + g1 + g2 + _opt_state_tensors(opt)
                     + list(opt._backups.values()),
                     note="SAM(backend='auto') -> " + ",".join(opt.backends.values()))
 

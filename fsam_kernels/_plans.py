@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .distributed import is_dtensor
 
-__all__ = ["FirstPlan", "SecondPlan", "grads_of", "grad_mask", "getter"]
+__all__ = ["FirstPlan", "SecondPlan", "check_grads", "check_group_grads", "grads_of",
+           "grad_mask", "getter"]
 
 _grad_of = attrgetter("grad")
 _layout_of = attrgetter("layout")
@@ -115,18 +116,26 @@ def _state_entries_same(sds, key, tensors) -> bool:
         return False
 
 
-def check_grads(opt, gi: int, call: _Call, gs, params, which: str) -> bool:
-    """Sparse, mis-shaped or DTensor grads: raises ``RuntimeError`` (sparse,
-    shape) naming the parameter, or returns False for a DTensor (the general
-    path's job). True when all are plain dense grads of the right shape."""
-    if (set(map(_layout_of, gs)) <= _STRIDED and list(map(_shape_of, gs)) == call.shapes
+def check_grads(opt, gi: int, idx, gs, shapes, params, which: str) -> bool:
+    """The grads ``gs`` of group positions ``idx`` (expected shapes ``shapes``):
+    sparse or mis-shaped ones raise ``RuntimeError`` naming the parameter
+    (``opt._check_grad``); a DTensor returns False (the general path's job).
+    True when all are plain dense grads of the right shape."""
+    if (set(map(_layout_of, gs)) <= _STRIDED and list(map(_shape_of, gs)) == shapes
             and set(map(type, gs)) <= _PLAIN_GRAD):
         return True
-    for i, g in zip(call.idx, gs):
+    for i, g in zip(idx, gs):
         if type(g) is not Tensor and is_dtensor(g):
             return False
         opt._check_grad(params[i], gi, i, which)
     return True
+
+
+def check_group_grads(opt, gi: int, params, grads, which: str) -> bool:
+    """``check_grads`` over every grad of a group (before a plan is built)."""
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    return check_grads(opt, gi, idx, [grads[i] for i in idx], [params[i].shape for i in idx],
+                       params, which)
 
 
 class FirstPlan:

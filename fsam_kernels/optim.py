@@ -45,7 +45,8 @@ from torch import Tensor
 from .backends import BACKEND_NAMES, Backend, get_backend
 from .distributed import all_reduce_over_shards, is_dtensor, shard_key
 from .distributed import local as _local
-from ._plans import FirstPlan, SecondPlan, check_grads, grad_mask, grads_of
+from ._plans import (FirstPlan, SecondPlan, check_grads, check_group_grads, grad_mask,
+                     grads_of)
 from .functional import differentiable_items, flatten_output
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
@@ -552,6 +553,7 @@ class _SAMBase(torch.optim.Optimizer):
             return False
         plans = self._plans
         staged = []
+        built = False
         try:
             for gi, group in enumerate(self.param_groups):
                 grads = grads_of(group["params"])
@@ -562,13 +564,15 @@ class _SAMBase(torch.optim.Optimizer):
                     if plan is None:
                         return False
                     plans[("first", gi)] = plan
+                    built = True
                 staged.append((gi, group, plan, [c.get(grads) for c in plan.calls]))
         except RuntimeError:  # tensors without storage (meta, fake): the general path says
             return False
-        self._snapshot_state()
+        if built:                 # a new plan may have created state
+            self._snapshot_state()
         for gi, group, plan, gss in staged:   # every grad checked before any change
             for c, gs in zip(plan.calls, gss):
-                if not check_grads(self, gi, c, gs, group["params"], "pass-1"):
+                if not check_grads(self, gi, c.idx, gs, c.shapes, group["params"], "pass-1"):
                     return False
         devs = {d for *_, plan, _ in staged for d in plan.devs}
         grad_devs = {c.device for *_, plan, _ in staged for c in plan.calls}
@@ -800,6 +804,7 @@ class _SAMBase(torch.optim.Optimizer):
         pbk = pb[1] if pb is not None and pb[0] is perturbed else None
         plans = self._plans
         staged = []
+        built = False
         try:
             for gi, group in enumerate(self.param_groups):
                 grads = grads_of(group["params"])
@@ -816,14 +821,12 @@ class _SAMBase(torch.optim.Optimizer):
         clip_gs: Dict[torch.device, List[Tensor]] = {}     # all groups, parameter order
         for gi, group, plan, grads, _, _ in staged:
             if plan is None:
-                for i, (p, g) in enumerate(zip(group["params"], grads)):
-                    if g is not None:
-                        if type(g) is not Tensor and is_dtensor(g):
-                            return False
-                        self._check_grad(p, gi, i, "pass-2")
+                if not check_group_grads(self, gi, group["params"], grads, "pass-2"):
+                    return False
             else:
                 for c in plan.clip:
-                    if not check_grads(self, gi, c, c.get(grads), group["params"], "pass-2"):
+                    if not check_grads(self, gi, c.idx, c.get(grads), c.shapes, group["params"],
+                                       "pass-2"):
                         return False
         for st in staged:
             gi, group, plan, grads, pg, bg = st
@@ -832,9 +835,11 @@ class _SAMBase(torch.optim.Optimizer):
                 if plan is None:
                     return False
                 plans[("second", gi)] = plan
+                built = True
             for c in plan.clip:
                 clip_gs.setdefault(c.device, []).extend(c.get(grads))
-        self._snapshot_state()
+        if built:
+            self._snapshot_state()
         staged = [st[:4] for st in staged]
         all_devs = {d for *_, plan, _ in staged for d in plan.devs}
         for d in all_devs:

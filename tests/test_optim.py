@@ -24,6 +24,15 @@ def _set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
+def _random_steps(opt, params, n):
+    """``n`` SAM steps with random grads in both passes."""
+    for _ in range(n):
+        _set_grads(params, [torch.randn_like(p) for p in params])
+        opt.first_step()
+        _set_grads(params, [torch.randn_like(p) for p in params])
+        opt.second_step()
+
+
 # --------------------------------------------------------------------- ascent
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("precondition", [False, True])
@@ -461,7 +470,7 @@ def test_more_bad_input():
 
 
 # ------------------------------------------ per-step fast path (no DTensors)
-@pytest.mark.parametrize("backend", ["foreach", "cpu"])
+@pytest.mark.parametrize("backend", ["foreach", "cpu", "triton"])
 @pytest.mark.parametrize("variant", ["plain", "scale", "clip", "found_inf", "changes"])
 def test_fast_path_equals_general_path(backend, variant):
     """first_step/second_step run from cached per-group plans (_plans.py) when
@@ -471,8 +480,9 @@ def test_fast_path_equals_general_path(backend, variant):
     (``.data =``: new storage, new dtype), state tensors are replaced by
     assignment and by ``load_state_dict``, and re-pointed in place (same
     objects, new storage); the plans and the native tables notice each."""
-    if backend == "cpu" and "cpu" not in fsam_kernels.available_backends("cpu"):
-        pytest.skip("native cpu backend not built")
+    if backend not in fsam_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not available on CPU (test_expected_backends_are_built "
+                    "fails when it should be)")
 
     def run(fast):
         torch.manual_seed(0)
@@ -605,18 +615,13 @@ def test_removed_group_and_state_are_not_kept_alive():
 
     params = [torch.randn(3), torch.randn(4)]
     opt = SAM([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2, backend="foreach")
-    for _ in range(2):
-        _set_grads(params, [torch.randn_like(p) for p in params])
-        opt.first_step()
-        opt.second_step()
+    _random_steps(opt, params, 2)
     dead = [weakref.ref(t) for t in opt.state[params[1]].values()] + [weakref.ref(params[1])]
     del opt.param_groups[1]
     del opt.state[params[1]]
     opt._backups.pop(params[1])
     del params[1]
-    _set_grads(params, [torch.randn_like(params[0])])
-    opt.first_step()
-    opt.second_step()
+    _random_steps(opt, params, 1)
     gc.collect()
     assert all(r() is None for r in dead)
 
@@ -656,11 +661,7 @@ def test_param_or_state_resized_under_a_plan_is_an_error(backend):
         pytest.skip("native cpu backend not built")
     p = nn.Parameter(torch.randn(1000))
     opt = SAM([p], lr=1e-2, backend=backend)
-    for _ in range(2):
-        _set_grads([p], [torch.randn(1000)])
-        opt.first_step()
-        _set_grads([p], [torch.randn(1000)])
-        opt.second_step()
+    _random_steps(opt, [p], 2)
     _set_grads([p], [torch.randn(1000)])
     p.data = p.data[:10]
     with pytest.raises(RuntimeError, match="gradient has shape"):
@@ -683,17 +684,10 @@ def test_state_version_counters_are_bumped(backend):
         pytest.skip("native cpu backend not built")
     p = nn.Parameter(torch.randn(5))
     opt = SAM([p], lr=1e-2, backend=backend)
-    for _ in range(2):
-        _set_grads([p], [torch.randn(5)])
-        opt.first_step()
-        _set_grads([p], [torch.randn(5)])
-        opt.second_step()
+    _random_steps(opt, [p], 2)
     for key in ("exp_avg", "exp_avg_sq"):
         x = torch.randn(5, requires_grad=True)
         y = (x * opt.state[p][key]).sum()       # saves the state tensor
-        _set_grads([p], [torch.randn(5)])
-        opt.first_step()
-        _set_grads([p], [torch.randn(5)])
-        opt.second_step()
+        _random_steps(opt, [p], 1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward()

@@ -659,9 +659,8 @@ def _cached_records(cache: dict, slot: str, pinned: tuple, params, grads, build)
         ent.pdtypes = None if params is None else list(map(_dtype_of, params))
         ent.gdtypes = None if grads is None else list(map(_dtype_of, grads))
         ent.pptrs = _pinned_ptrs(pinned)
-        ent.storages = [list(map(_storage_of, seq)) for seq in pinned[1:] if seq is not None] \
-            if params is not None else [list(map(_storage_of, seq)) for seq in pinned
-                                        if seq is not None]
+        held = pinned[1:] if params is not None else pinned     # all but the params
+        ent.storages = [list(map(_storage_of, seq)) for seq in held if seq is not None]
         cache[slot] = ent
     except Exception:
         cache.pop(slot, None)
@@ -1013,9 +1012,9 @@ class _NativeBackend(Backend):
         params, grads = _seq(params), _seq(grads)
         if _eager(params, grads):
             return _restore_adamw_impl(
-                params, grads, _seq(backups), backups is not None,
-                _seq(exp_avgs), _seq(exp_avg_sqs), _seq(steps), float(lr), float(beta1), float(beta2), float(eps),
-                float(weight_decay), bool(maximize), grad_scale, found_inf, cache)
+                params, grads, _seq(backups), backups is not None, _seq(exp_avgs),
+                _seq(exp_avg_sqs), _seq(steps), float(lr), float(beta1), float(beta2),
+                float(eps), float(weight_decay), bool(maximize), grad_scale, found_inf, cache)
         torch.ops.fsam_kernels.restore_adamw(
             list(params), list(grads), _lst(backups), backups is not None, list(exp_avgs),
             list(exp_avg_sqs), list(steps), float(lr), float(beta1), float(beta2), float(eps),
