@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from fsam_kernels.backends import backend_availability
+
+#: backend names in the order parametrized tests list them
+BACKEND_ORDER = ("reference", "foreach", "cpu", "cuda", "triton")
 
 
 def fused_backends(device="cpu"):
@@ -23,6 +27,45 @@ def devices():
     if torch.cuda.is_available():
         d.append("cuda")
     return d
+
+
+def backend_device_pairs(*, reference=True):
+    """``(backend, device)`` pairs that can run on this machine, in a fixed order.
+
+    Asks the backend registry (``backend_availability``, i.e. each backend's
+    ``Backend.availability(device)``) for every name of ``BACKEND_ORDER`` on
+    every device of ``devices()``; nothing is hard-coded. On a CPU-only
+    machine that is reference/foreach/cpu on cpu, triton on cpu when
+    ``TRITON_INTERPRET=1`` (tests/conftest.py sets it), and cuda on cpu when
+    the emulated CUDA backend reports itself available; with a CUDA device
+    also reference/foreach/cuda/triton on cuda. ``reference=False`` leaves
+    the reference backend out (it is what the fused ones are compared to).
+    """
+    pairs = []
+    for dev in devices():
+        for name in BACKEND_ORDER:
+            if name == "reference" and not reference:
+                continue
+            if backend_availability(name, dev)[0]:
+                pairs.append((name, dev))
+    return pairs
+
+
+def backend_device_params(*, reference=True):
+    """``backend_device_pairs`` as ``pytest.param(backend, device, id="backend-device")``,
+    for ``@pytest.mark.parametrize("backend,device", ...)``."""
+    return [pytest.param(b, d, id=f"{b}-{d}") for b, d in backend_device_pairs(reference=reference)]
+
+
+def unavailable_backends():
+    """``[(backend, device, reason)]`` for the pairs ``backend_device_pairs`` leaves out."""
+    out = []
+    for dev in devices():
+        for name in BACKEND_ORDER:
+            ok, why = backend_availability(name, dev)
+            if not ok:
+                out.append((name, dev, why))
+    return out
 
 
 def oracle_direction(g, v, t, beta2, eps, precondition):

