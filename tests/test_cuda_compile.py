@@ -64,7 +64,7 @@ def test_built_cuda_library_loads_without_gpu():
     lib.fsam_cuda_api_version.restype = ctypes.c_int
     lib.fsam_cuda_tile_size.restype = ctypes.c_int64
     lib.fsam_cuda_device_count.restype = ctypes.c_int
-    assert lib.fsam_cuda_api_version() == 2
+    assert lib.fsam_cuda_api_version() == 3
     assert lib.fsam_cuda_tile_size() > 0
     assert lib.fsam_cuda_device_count() >= 0
     for name in ("sq_norm", "perturb", "restore_adamw", "restore"):

@@ -114,7 +114,7 @@ def sam_step(be, st, *, precondition, rho=0.05, lr=1e-3, wd=0.01, maximize=False
     out = torch.zeros((), dtype=be.norm_dtype, device=device)
     be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
                precondition=precondition, grad_scale=grad_scale, out=out)
-    n2 = out.to(torch.float32) if norm_sq is None else norm_sq
+    n2 = out if norm_sq is None else norm_sq
     fi = torch.zeros((), device=device) if found_inf is None else found_inf
     backups = [torch.empty_like(p) for p in st["params"]]
     be.perturb(st["params"], st["grads1"], backups, st["exp_avg_sqs"], st["steps"], rho=rho,
@@ -142,7 +142,7 @@ def compare_ops(device, st, precondition, *, grad_scale=None, maximize=False, wd
     gs_a = None if grad_scale is None else torch.tensor(grad_scale, device=device)
     gs_b = None if grad_scale is None else torch.tensor(grad_scale, device=device)
     # 1. sq_norm
-    out_a = torch.zeros((), dtype=torch.float32, device=device)
+    out_a = torch.zeros((), dtype=be.norm_dtype, device=device)
     out_b = torch.zeros((), dtype=torch.float64, device=device)
     be.sq_norm(a["grads1"], a["exp_avg_sqs"], a["steps"], beta2=BETA2, eps=EPS,
                precondition=precondition, grad_scale=gs_a, out=out_a)
@@ -150,7 +150,7 @@ def compare_ops(device, st, precondition, *, grad_scale=None, maximize=False, wd
                 precondition=precondition, grad_scale=gs_b, out=out_b)
     torch.testing.assert_close(out_a.double().cpu(), out_b.cpu(), rtol=1e-6, atol=0)
     # 2. perturb, from the same float32 N²
-    n2 = out_b.to(torch.float32)
+    n2 = out_b  # both read the same float64 N²
     ba = [torch.empty_like(p) for p in a["params"]]
     bb = [torch.empty_like(p) for p in b["params"]]
     fa, fb = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -306,7 +306,7 @@ def test_all_empty_and_no_tensors(device):
     be = native_backend(device)
     for shapes in ([], [(0,)], [(0,), (0, 3)]):
         st = make_state(shapes, torch.float32, torch.float32, device)
-        out = torch.zeros((), device=device)
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
         be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
                    precondition=True, grad_scale=None, out=out)
         assert float(out) == 0.0
@@ -321,7 +321,7 @@ def test_all_empty_and_no_tensors(device):
         assert all(float(s) == (i % 4) + 1 for i, s in enumerate(st["steps"]))
     # a non-finite N² with no tensors at all still marks the step skipped
     fi = torch.zeros((), device=device)
-    be.perturb([], [], [], None, None, rho=0.05, norm_sq=torch.tensor(float("inf"), device=device),
+    be.perturb([], [], [], None, None, rho=0.05, norm_sq=torch.tensor(float("inf"), dtype=torch.float64, device=device),
                norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None,
                found_inf=fi)
     assert float(fi) == 1.0
@@ -379,7 +379,7 @@ def _run_with_layout(be, device, p_maker, g_maker, precondition, seed=11):
         st[k] = [p_maker(v) for v in st[k]]
     for k in ("grads1", "grads2"):
         st[k] = [g_maker(g) for g in st[k]]
-    n2 = torch.tensor(500.0, device=device)  # fixed N²: the perturbation is compared bitwise
+    n2 = torch.tensor(500.0, dtype=torch.float64, device=device)  # fixed N²: the perturbation is compared bitwise
     sam_step(be, st, precondition=precondition, norm_sq=n2)
     return st
 
@@ -447,7 +447,7 @@ def test_non_dense_param_is_a_clear_error(device):
     w = torch.randn(16, 32, device=device)
     params = [torch.randn(4, device=device), w[:, ::2]]
     grads = [torch.randn_like(p) for p in params]
-    out = torch.zeros((), device=device)
+    out = torch.zeros((), dtype=be.norm_dtype, device=device)
     with pytest.raises(ValueError, match=r"params\[1\]"):
         be.perturb(params, grads, [torch.empty_like(p) for p in params], None, None, rho=0.05,
                    norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=False,
@@ -592,7 +592,7 @@ def test_DD2_fp16_norm_accumulation(device, pdtype):
 def test_DD3_low_precision_ones_norms(device):
     be = native_backend(device)
     for dtype, n, expected in ((torch.bfloat16, 1_000_000, 1000.0), (torch.float16, 65536, 256.0)):
-        out = torch.zeros((), device=device)
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
         be.sq_norm([torch.ones(n, dtype=dtype, device=device)], None, None, beta2=BETA2, eps=EPS,
                    precondition=False, grad_scale=None, out=out)
         assert math.isclose(math.sqrt(float(out)), expected, rel_tol=1e-6)
@@ -637,7 +637,7 @@ def test_low_precision_roundtrip_and_rounding(device, dtype):
     g = torch.randn(p.shape, device=device)
     for backend, q in ((be, p), (REF, ref)):
         backend.perturb([q], [g], [torch.empty_like(q)], None, None, rho=0.0,
-                        norm_sq=torch.tensor(4.0, device=device), norm_eps=NORM_EPS, beta2=BETA2,
+                        norm_sq=torch.tensor(4.0, dtype=torch.float64, device=device), norm_eps=NORM_EPS, beta2=BETA2,
                         eps=EPS, precondition=False, grad_scale=None,
                         found_inf=torch.zeros((), device=device))
     nz = before != 0  # -0 + (+0) is +0 in IEEE arithmetic: signed zeros follow the reference
@@ -827,7 +827,7 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
 
     def run(st, tp, backups, cache, g1, g2, step):
         dev = st["steps"][0].device
-        out = torch.zeros((), device=dev)
+        out = torch.zeros((), dtype=torch.float64, device=dev)
         fi = torch.zeros((), device=dev)
         kw = dict(beta2=BETA2, eps=EPS, precondition=precondition, grad_scale=None)
         be.sq_norm(g1, tp["exp_avg_sqs"], tp["steps"], out=out,
@@ -880,7 +880,7 @@ def test_call_site_cache_with_lists_checks_every_call(device):
     be.restore(params, backups, cache=cache)
     assert torch.equal(params[1], torch.full((3,), 9.0, device=device))
     grads = [torch.ones(5, device=device), torch.ones(3, device=device)]
-    out = torch.zeros((), device=device)
+    out = torch.zeros((), dtype=be.norm_dtype, device=device)
     fi = torch.zeros((), device=device)
     kw = dict(beta2=BETA2, eps=EPS, precondition=False, grad_scale=None)
     be.sq_norm(grads, None, None, out=out, cache=cache, **kw)
@@ -989,7 +989,7 @@ def _child_step(q, g):
     # Only our kernel runs in the child: torch's own OpenMP pool is not
     # fork-safe (a large torch op in a forked child can hang by itself).
     try:
-        out = torch.zeros(())
+        out = torch.zeros((), dtype=torch.float64)
         CPUBackend().sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False,
                              grad_scale=None, out=out)
         q.put(float(out))
@@ -1000,7 +1000,7 @@ def _child_step(q, g):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_thread_pool_survives_fork():
     be = native_backend("cpu")
-    out = torch.zeros(())
+    out = torch.zeros((), dtype=torch.float64)
     g = torch.ones(4 * CHUNK)
     be.sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None,
                out=out)  # the worker threads exist in the parent now
@@ -1027,7 +1027,7 @@ def test_DI2_cuda_graph_capture_replays_like_eager(precondition):
     ref = clone_state(st)
 
     def make_bufs(s):
-        return ([torch.empty_like(p) for p in s["params"]], torch.zeros((), device="cuda"),
+        return ([torch.empty_like(p) for p in s["params"]], torch.zeros((), dtype=torch.float64, device="cuda"),
                 torch.zeros((), device="cuda"))
 
     def step(s, bufs):
@@ -1103,7 +1103,7 @@ def test_DB1_two_to_the_31_plus_one_elements(dtype):
     v = torch.zeros(n, device=dev)
     b = torch.empty_like(p)
     step = torch.zeros((), device=dev)
-    out = torch.zeros((), device=dev)
+    out = torch.zeros((), dtype=torch.float64, device=dev)
     fi = torch.zeros((), device=dev)
     be.sq_norm([g], None, None, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None, out=out)
     assert math.isclose(math.sqrt(float(out)), 46340.950, rel_tol=1e-6)

@@ -8,9 +8,11 @@
 // runtime is linked, so nothing clashes with torch's own libgomp).
 //
 // Determinism: the squared norm is reduced per chunk (float lanes over
-// 256-element blocks, flushed into double), the per-chunk partials are stored
-// by chunk index and summed in chunk order after the region: the result does
-// not depend on the number of threads or on which thread ran which chunk.
+// 256-element blocks, flushed into double), the per-chunk double partials are
+// stored by chunk index and summed in chunk order after the region, and added
+// to the caller's double N² (SPEC §1): the result does not depend on the
+// number of threads, on which thread ran which chunk, or on the instruction
+// set (the lanes are explicit, the same in every instance).
 #include "fsam/capi.h"
 #include "fsam/math.h"
 
@@ -424,7 +426,7 @@ void fsam_cpu_set_nt_min_bytes(int64_t bytes) {
 }
 
 int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double beta2,
-                     double eps, const float* grad_scale, float* out) {
+                     double eps, const float* grad_scale, double* out) {
   try {
     if (out == nullptr) return fail("sq_norm: out is NULL");
     for (int64_t i = 0; i < n; ++i) {
@@ -465,7 +467,7 @@ int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double
     });
     double total = 0.0;
     for (double s : partial) total += s;  // fixed (chunk) order
-    *out = *out + (float)total;
+    *out = *out + total;  // float64 throughout (SPEC §1)
     return 0;
   } catch (const std::exception& e) {
     return fail(std::string("sq_norm: ") + e.what());
@@ -473,7 +475,7 @@ int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition, double
 }
 
 int fsam_cpu_perturb(const fsam_tensor_t* t, int64_t n, int precondition, double rho,
-                     const float* norm_sq, double norm_eps, double beta2, double eps,
+                     const double* norm_sq, double norm_eps, double beta2, double eps,
                      const float* grad_scale, float* found_inf) {
   try {
     if (norm_sq == nullptr || found_inf == nullptr) return fail("perturb: norm_sq or found_inf is NULL");

@@ -10,7 +10,7 @@
 //   2^31 elements).
 // The squared norm is reduced in two deterministic stages kept on the device:
 // one double partial per tile (fixed per-thread order and reduction tree),
-// then one block sums the partials in tile order and adds to *out. The
+// then one block sums the partials in tile order and adds to the double *out. The
 // perturbation kernel reads N², grad_scale and found_inf through pointers:
 // no host synchronisation anywhere.
 //
@@ -207,14 +207,15 @@ sq_norm_kernel(const fsam_tensor_t* __restrict__ t, const int64_t* __restrict__ 
   }
 }
 
-// One block: the partials summed in tile order with a fixed tree; *out += total.
+// One block: the partials summed in tile order with a fixed tree; *out += total
+// (double: N² is never rounded to float32 here).
 __global__ void __launch_bounds__(kBlock)
-sq_norm_finish_kernel(const double* __restrict__ partials, int64_t n_tiles, float* out) {
+sq_norm_finish_kernel(const double* __restrict__ partials, int64_t n_tiles, double* out) {
   __shared__ double shared[32];
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n_tiles; i += blockDim.x) acc += partials[i];
   acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) *out = *out + (float)acc;
+  if (threadIdx.x == 0) *out = *out + acc;  // float64 throughout (SPEC §1)
 }
 
 // ------------------------------------------------------------------ perturb
@@ -268,7 +269,7 @@ __device__ __forceinline__ void copy_tile_dtype(int32_t dt, void* dst, const voi
 
 __global__ void __launch_bounds__(kBlock, kMinBlocks)
 perturb_kernel(const fsam_tensor_t* __restrict__ t, const int64_t* __restrict__ cs, int64_t n,
-               int64_t n_tiles, int precondition, float rho, const float* __restrict__ norm_sq,
+               int64_t n_tiles, int precondition, float rho, const double* __restrict__ norm_sq,
                float norm_eps, double beta2, double eps, const float* __restrict__ grad_scale,
                float* found_inf) {
   float scale;
@@ -399,7 +400,7 @@ int fsam_cuda_device_count(void) {
 
 int fsam_cuda_sq_norm(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
                       int64_t n_tiles, double* partials, int precondition, double beta2,
-                      double eps, const float* grad_scale, float* out, int device, void* stream) {
+                      double eps, const float* grad_scale, double* out, int device, void* stream) {
   if (int rc = use_device(device)) return rc;
   if (n_tiles <= 0) return 0;  // nothing to add
   cudaStream_t s = (cudaStream_t)stream;
@@ -411,7 +412,7 @@ int fsam_cuda_sq_norm(const fsam_tensor_t* t, const int64_t* chunk_start, int64_
 }
 
 int fsam_cuda_perturb(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
-                      int64_t n_tiles, int precondition, double rho, const float* norm_sq,
+                      int64_t n_tiles, int precondition, double rho, const double* norm_sq,
                       double norm_eps, double beta2, double eps, const float* grad_scale,
                       float* found_inf, int device, void* stream) {
   if (int rc = use_device(device)) return rc;

@@ -28,9 +28,12 @@ Tensor handling (for every operation):
   A float64 grad of a 16/32-bit parameter is read as float32 and a 16/32-bit
   grad of a float64 parameter as float64 (as the reference's perturb and
   AdamW read them).
-- ``grad_scale``, ``found_inf``, ``norm_sq``/``out`` and ``steps`` must be
-  float32 tensors of one element on the parameters' device; they are read
-  and written by the kernels (no ``.item()``, no host synchronisation).
+- ``grad_scale``, ``found_inf`` and ``steps`` must be float32 tensors of one
+  element on the parameters' device, ``norm_sq``/``out`` (N² of SPEC §1) a
+  float64 one (``norm_dtype``: partial sums and totals are float64 across
+  chunks, tiles, calls and groups; perturb rounds N² once to float32 and
+  forms the scale from it). They are read and written by the kernels (no
+  ``.item()``, no host synchronisation).
 - Empty tensors may appear anywhere in the lists.
 
 Environment: ``FSAM_LIB_DIR`` overrides the directory the libraries are
@@ -63,7 +66,7 @@ __all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "c
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _F64 = 3
 _STATE_CODE = {torch.float32: 0, torch.float64: 3}
-_API_VERSION = 2
+_API_VERSION = 3
 
 
 def library_dir() -> str:
@@ -297,14 +300,15 @@ def _prep_grad(g: Tensor, like: Tensor, want64: bool, i: int, op: str) -> Tensor
 
 
 def _scalar_ptr(t: Optional[Tensor], name: str, device: torch.device, op: str,
-                optional: bool = False) -> int:
+                optional: bool = False, dtype: torch.dtype = torch.float32) -> int:
     if t is None:
         if optional:
             return 0
         raise ValueError(f"{op}: {name} is required")
-    if t.dtype != torch.float32 or t.numel() != 1:
-        raise TypeError(f"{op}: {name} must be a one-element float32 tensor, got dtype {t.dtype} "
-                        f"with {t.numel()} elements")
+    if t.dtype != dtype or t.numel() != 1:
+        what = " (N², the backend's norm_dtype)" if dtype == torch.float64 else ""
+        raise TypeError(f"{op}: {name} must be a one-element {str(dtype).replace('torch.', '')} "
+                        f"tensor{what}, got dtype {t.dtype} with {t.numel()} elements")
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the tensors' device)")
     return t.data_ptr()
@@ -799,7 +803,7 @@ def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Te
         _check_lengths(op, len(grads), exp_avg_sqs=exp_avg_sqs, steps=steps)
     if grads and grads[0].device != device:
         raise ValueError(f"{op}: out is on {device} but grads[0] is on {grads[0].device}")
-    out_ptr = _scalar_ptr(out, "out", device, op)
+    out_ptr = _scalar_ptr(out, "out", device, op, dtype=torch.float64)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
     rec = _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition)
     if device.type == "cuda":
@@ -824,7 +828,7 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
     device = found_inf.device
     if params and params[0].device != device:
         raise ValueError(f"{op}: found_inf is on {device} but params[0] is on {params[0].device}")
-    ns_ptr = _scalar_ptr(norm_sq, "norm_sq", device, op)
+    ns_ptr = _scalar_ptr(norm_sq, "norm_sq", device, op, dtype=torch.float64)
     fi_ptr = _scalar_ptr(found_inf, "found_inf", device, op)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
     rec = _records_update_cached(cache, op, params, grads, backups, None,
@@ -977,7 +981,7 @@ def _eager(*seqs) -> bool:
 
 
 class _NativeBackend(Backend):
-    norm_dtype = torch.float32
+    norm_dtype = torch.float64   # N² (SPEC §1): float64 partials and totals
     fused = True
 
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out,

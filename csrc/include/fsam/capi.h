@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define FSAM_API_VERSION 2
+#define FSAM_API_VERSION 3  /* 3: N² is a double (SPEC §1) */
 
 #if defined(_WIN32)
 #define FSAM_API __declspec(dllexport)
@@ -78,16 +78,24 @@ FSAM_API int fsam_cpu_set_isa(int level);
 FSAM_API int64_t fsam_cpu_get_nt_min_bytes(void);
 FSAM_API void fsam_cpu_set_nt_min_bytes(int64_t bytes);
 
-/* 1. out += sum_i sum d_i^2 (SPEC §1), accumulated per chunk in double,
+/* N² (SPEC §1) is a float64 device scalar: sq_norm adds to it, perturb reads
+ * it. Within a chunk/tile float32 lanes may accumulate; every partial sum and
+ * every total (across chunks, tiles, calls and groups) is a double, summed in
+ * a fixed order, so N² does not depend on the thread count, the instruction
+ * set, or how the parameters are grouped beyond float64 rounding. perturb
+ * rounds N² once to float32 and forms the scale from that in float32.
+ *
+ * 1. out += sum_i sum d_i^2 (SPEC §1), accumulated per chunk in double,
  *    chunks summed in a fixed order (independent of the thread count).
  *    Uses g, v (if precondition), step (if precondition), numel, dtypes. */
 FSAM_API int fsam_cpu_sq_norm(const fsam_tensor_t* t, int64_t n, int precondition,
-                     double beta2, double eps, const float* grad_scale, float* out);
+                     double beta2, double eps, const float* grad_scale, double* out);
 
-/* 2. b <- p; p <- p + (rho / (sqrt(*norm_sq) + norm_eps)) * d. If *norm_sq is
- *    not finite, *found_inf = 1. If *found_inf != 0, p is left unchanged. */
+/* 2. b <- p; p <- p + scale * d with scale = rho / (sqrt(n2) + norm_eps) in
+ *    float32, n2 = (float)*norm_sq. If *norm_sq is not finite, *found_inf = 1.
+ *    If *found_inf != 0, p is left unchanged. */
 FSAM_API int fsam_cpu_perturb(const fsam_tensor_t* t, int64_t n, int precondition, double rho,
-                     const float* norm_sq, double norm_eps, double beta2, double eps,
+                     const double* norm_sq, double norm_eps, double beta2, double eps,
                      const float* grad_scale, float* found_inf);
 
 /* 3. p <- b (if has_backup), then unless *found_inf != 0 the AdamW update of
@@ -116,12 +124,13 @@ FSAM_API int64_t fsam_cuda_tile_size(void);
 FSAM_API int fsam_cuda_device_count(void);
 
 /* partials: device double workspace of n_tiles entries (one partial per tile,
- * reduced in tile order by a second kernel: deterministic) */
+ * reduced in tile order by a second kernel: deterministic); out and norm_sq
+ * are device doubles as on the CPU */
 FSAM_API int fsam_cuda_sq_norm(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
                       int64_t n_tiles, double* partials, int precondition, double beta2,
-                      double eps, const float* grad_scale, float* out, int device, void* stream);
+                      double eps, const float* grad_scale, double* out, int device, void* stream);
 FSAM_API int fsam_cuda_perturb(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,
-                      int64_t n_tiles, int precondition, double rho, const float* norm_sq,
+                      int64_t n_tiles, int precondition, double rho, const double* norm_sq,
                       double norm_eps, double beta2, double eps, const float* grad_scale,
                       float* found_inf, int device, void* stream);
 FSAM_API int fsam_cuda_restore_adamw(const fsam_tensor_t* t, const int64_t* chunk_start, int64_t n,

@@ -124,10 +124,13 @@ FSAM_HD W precond_direction(W g, W v, W bc2, W eps) {
   return g / (sqrt_w(v / bc2) + eps);
 }
 
-// The scale rho / (sqrt(N²) + norm_eps), formed in float32 from the float32
-// N² (SPEC §1). Returns false when N² is not finite (the step is skipped).
-FSAM_HD bool perturb_scale(float norm_sq, float rho, float norm_eps, float* scale) {
-  *scale = rho / (sqrtf(norm_sq) + norm_eps);
+// The scale rho / (sqrt(N²) + norm_eps) of SPEC §1: the float64 N² rounded
+// once to float32, the scale formed from it in float32. Returns false when
+// N² (the float64 value) is not finite: the step is skipped. (A finite N²
+// beyond float32's range rounds to inf and gives scale 0.)
+FSAM_HD bool perturb_scale(double norm_sq, float rho, float norm_eps, float* scale) {
+  const float n2 = (float)norm_sq;
+  *scale = rho / (sqrtf(n2) + norm_eps);
   return finite_w(norm_sq);
 }
 
