@@ -48,6 +48,7 @@ from .distributed import local as _local
 from ._plans import (FirstPlan, SecondPlan, check_grads, check_group_grads, grad_mask,
                      grads_of)
 from .functional import differentiable_items, flatten_output
+from . import _closure
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
@@ -959,8 +960,9 @@ class _SAMBase(torch.optim.Optimizer):
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             raise TypeError(
                 f"closure: expected it to return (output, loss) in {which}, got "
-                f"{type(result).__name__}; the closure runs the forward pass only "
-                "(no backward) and returns the model output and the scalar loss")
+                f"{type(result).__name__}; the forward-only closure returns the model output "
+                "and the scalar loss (no backward), a back-propagating closure calls "
+                "zero_grad() and loss.backward() itself and returns the loss")
         output, loss = result
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"closure: the loss returned in {which} must be a 1-element "
@@ -971,26 +973,79 @@ class _SAMBase(torch.optim.Optimizer):
                              "parameter (it does not require grad)")
         # the model output must depend on the parameters (Functional-SAM
         # back-propagates it; SAM checks it too so the convention is one)
-        differentiable_items(output, argname="closure output")
+        try:
+            differentiable_items(output, argname="closure output")
+        except TypeError as exc:
+            hinted = _closure.cache_hint(exc)
+            if hinted is not None:
+                raise hinted from None
+            raise
         return output, loss
 
-    def step(self, closure: Optional[Callable[[], Tuple[Any, Tensor]]] = None, *,
-             grad_scaler=None) -> Tensor:
+    def mark_output(self, output: Tensor) -> Tensor:
+        """Mark the model output for Functional-SAM in a closure that runs backward
+        itself (torch.optim convention, Lightning's automatic optimization), or in
+        a hand-written loop; ``z = opt.mark_output(model(x))``, loss from ``z``.
+
+        ``output``: the model output tensor (any shape and floating dtype; for a
+        transformers ModelOutput pass ``.logits``). With no ``first_step()``
+        pending (pass 1) it returns ``output`` itself and records the cotangent
+        c0 = ∂ℓ/∂output that the caller's ``loss.backward()`` produces (one record
+        per call: mark every micro-batch). With a ``first_step()`` pending (pass 2)
+        it returns a tensor equal to ``output`` whose backward hands on the
+        oldest record's c0 instead of the incoming gradient, so the caller's
+        ``loss.backward()`` accumulates J(θ+e)ᵀ c0 into ``.grad`` (SPEC §2). The
+        loss must depend on the parameters only through marked outputs (any
+        other term would add its own pass-2 gradient). For ``SAM``, under
+        ``torch.no_grad()`` and for outputs that do not require grad it returns
+        ``output`` unchanged and records nothing.
+
+        Raises ``TypeError`` for a non-tensor; ``RuntimeError`` in pass 2 when
+        more outputs are marked than in pass 1, when the pass-1 output received
+        no gradient, or when the shapes differ.
+        """
+        return _closure.mark_output(self, output)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             grad_scaler=None) -> Optional[Tensor]:
         """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
 
-        ``closure``: a callable running the forward pass only and returning
-        ``(output, loss)``: the model output (tensor, tuple or dict of
-        tensors) and the scalar loss. Do not call ``backward`` or
-        ``zero_grad`` inside it: the optimizer sets grads to None and runs the
-        backward passes itself (SAM: ``loss.backward()`` in both passes;
-        Functional-SAM: pass 2 runs ``output.backward(c0)`` with the pass-1
-        cotangent c0, SPEC §2). With ``same_dropout_masks`` (default) the RNG
-        state is restored before pass 2 so dropout draws the same masks; with
-        ``model=`` and ``bn_clean_pass_only`` (default) BatchNorm statistics
-        are restored after pass 2; with ``ascent_sync="local"`` pass 1 runs
-        under ``model.no_sync()``.
+        ``closure`` takes one of two forms (docs/loops.md, "The closure API"):
 
-        ``grad_scaler``: an fp16 ``torch.amp.GradScaler``: both losses are
+        * forward only: it returns ``(output, loss)``: the model output (tensor,
+          tuple or dict of tensors) and the scalar loss. Do not call
+          ``backward`` or ``zero_grad`` inside it: the optimizer sets grads to
+          None and runs the backward passes itself (SAM: ``loss.backward()`` in
+          both passes; Functional-SAM: pass 2 runs ``output.backward(c0)`` with
+          the pass-1 cotangent c0, SPEC §2).
+        * back-propagating (torch.optim convention, Lightning's automatic
+          optimization): it zeroes the grads, runs forward and
+          ``loss.backward()`` itself and returns the loss (a tensor, or None
+          when it skipped the batch: then nothing is done and None is
+          returned). It is called at θ (pass 1) and at θ + e (pass 2, grads set
+          to None before). Grads that existed before the call must not be
+          accumulated into (``RuntimeError``: a closure cannot re-run earlier
+          micro-batches in pass 2). Functional-SAM needs the model output
+          marked with :meth:`mark_output` inside the closure (``ValueError``
+          otherwise). If pass 2 returns None without a backward, θ is restored,
+          the update skipped and ``last_step_skipped`` set.
+
+        With ``same_dropout_masks`` (default) the RNG state is restored before
+        pass 2 so dropout draws the same masks; with ``model=`` and
+        ``bn_clean_pass_only`` (default) BatchNorm statistics are restored after
+        pass 2; with ``ascent_sync="local"`` pass 1 runs under
+        ``model.no_sync()``.
+
+        With a ``first_step()`` pending, ``step()`` completes it: it runs
+        ``second_step()`` on the current (pass-2) grads and returns None, so
+        wrappers that call ``optimizer.step()`` after the user's own pass 2
+        (accelerate / the Hugging Face Trainer, Lightning's manual
+        optimization) count the step. A closure given then is called once
+        and must run no backward and return None (Lightning's do-nothing
+        closure); otherwise ``RuntimeError``.
+
+        ``grad_scaler`` (forward-only form only): an fp16
+        ``torch.amp.GradScaler``: both losses are
         scaled (Functional-SAM's c0 comes from the scaled loss), each pass's
         grads are unscaled once inside the kernels, both passes are checked
         for inf/NaN, a bad step is skipped atomically (θ bitwise unchanged,
@@ -1000,33 +1055,63 @@ class _SAMBase(torch.optim.Optimizer):
         itself as ``grad_scaler``); ``scaler.step(opt)`` without a closure
         raises ``RuntimeError`` pointing here.
 
-        Raises ``TypeError`` if ``closure`` is missing or returns the wrong
-        thing, ``ValueError`` if the loss or output does not depend on the
-        parameters. If pass 2 raises, θ is restored before re-raising.
+        Raises ``TypeError`` if ``closure`` is missing (nothing pending) or
+        returns the wrong thing, ``ValueError`` if the loss or output does not
+        depend on the parameters, ``RuntimeError`` for a forward-only closure
+        that already ran backward (the message names the fix). If pass 2
+        raises, θ is restored before re-raising.
         """
         if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
             raise RuntimeError(_SCALER_STEP_MSG)  # GradScaler.step's attribute contract
         if closure is None and grad_scaler is not None:
             raise RuntimeError(_SCALER_STEP_MSG)  # scaler.step(opt) without a closure
-        if closure is None:
-            raise TypeError(
-                f"closure: {type(self).__name__}.step needs a closure returning (output, loss); "
-                "for a hand-written loop call first_step() after pass 1 and second_step() "
-                "after pass 2")
-        if not callable(closure):
-            raise TypeError(f"closure: expected a callable returning (output, loss), got "
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure: expected a callable returning (output, loss) or a "
+                            f"back-propagating callable returning the loss, got "
                             f"{type(closure).__name__}")
         if self._perturbed is not None:
-            raise RuntimeError("step: a first_step() is pending; call second_step() or restore()")
+            return _closure.complete_pending(self, closure)
+        if closure is None:
+            raise TypeError(
+                f"closure: {type(self).__name__}.step needs a closure returning (output, loss) "
+                "(or one that runs backward itself and returns the loss); in a hand-written "
+                "loop call first_step() after pass 1, and second_step() (or step() with no "
+                "closure) after pass 2")
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         scaled = (lambda l: scaler.scale(l)) if scaler is not None else (lambda l: l)
         rng = _RNGState(self._devices()) if self.same_dropout_masks else None
         sync = (self.model.no_sync() if self.ascent_sync == "local"
                 else contextlib.nullcontext())
+        snap = _closure.GradSnapshot(self.param_groups)
+        _closure.clear_marks(self)      # the marks of this step's closure calls only
         with torch.enable_grad(), sync:
-            output, loss = self._unpack(closure(), "pass 1")
-            self.zero_grad(set_to_none=True)
-            cot = self._pass1_backward(output, scaled(loss))
+            result = closure()
+            if isinstance(result, (tuple, list)):
+                # forward-only form: (output, loss)
+                back_prop = False
+                output, loss = self._unpack(result, "pass 1")
+                if snap.changed():
+                    raise RuntimeError(_closure.BACKWARD_IN_PAIR_CLOSURE_MSG.format(which="pass-1"))
+                self.zero_grad(set_to_none=True)
+                try:
+                    cot = self._pass1_backward(output, scaled(loss))
+                except RuntimeError as exc:
+                    hinted = _closure.second_backward_hint(exc, "pass-1")
+                    if hinted is not None:
+                        raise hinted from None
+                    raise
+            else:
+                back_prop = True
+                loss = _closure.check_back_prop(result, snap, scaler, "pass 1")
+                if loss is _closure.SKIPPED:
+                    return None
+                if self._functional:
+                    if not _closure.marks_count(self):
+                        raise ValueError(_closure.FSAM_NEEDS_MARK_MSG)
+                    if not _closure.marks_received(self):
+                        raise ValueError(
+                            "closure: the output marked with mark_output() in pass 1 received "
+                            "no gradient; compute the loss from the marked output")
         self.first_step(grad_scaler=scaler)
         bn = (bn_stats_frozen(self.model) if self.bn_clean_pass_only
               else contextlib.nullcontext())
@@ -1034,14 +1119,40 @@ class _SAMBase(torch.optim.Optimizer):
             if rng is not None:
                 rng.restore()
             with torch.enable_grad(), bn:
-                output2, loss2 = self._unpack(closure(), "pass 2")
-                self.zero_grad(set_to_none=True)
-                self._pass2_backward(output2, scaled(loss2), cot)
+                if back_prop:
+                    self.zero_grad(set_to_none=True)
+                    snap2 = _closure.GradSnapshot(self.param_groups)
+                    loss2 = _closure.check_back_prop(closure(), snap2, None, "pass 2")
+                    if loss2 is _closure.SKIPPED:
+                        _closure.warn_pass2_skipped()
+                        self.restore()
+                        self.last_step_skipped = torch.tensor(True)
+                        return loss
+                    if self._functional and _closure.marks_count(self):
+                        raise RuntimeError(
+                            f"mark_output: {_closure.marks_count(self)} output(s) marked in "
+                            "pass 1 were not marked again in pass 2; mark the same outputs "
+                            "in both passes")
+                else:
+                    snap2 = _closure.GradSnapshot(self.param_groups)
+                    output2, loss2 = self._unpack(closure(), "pass 2")
+                    if snap2.changed():
+                        raise RuntimeError(
+                            _closure.BACKWARD_IN_PAIR_CLOSURE_MSG.format(which="pass-2"))
+                    self.zero_grad(set_to_none=True)
+                    try:
+                        self._pass2_backward(output2, scaled(loss2), cot)
+                    except RuntimeError as exc:
+                        hinted = _closure.second_backward_hint(exc, "pass-2")
+                        if hinted is not None:
+                            raise hinted from None
+                        raise
         except BaseException:
+            _closure.clear_marks(self)
             self.restore()
             raise
         self.second_step(grad_scaler=scaler)
-        return loss.detach()
+        return loss.detach() if isinstance(loss, Tensor) else loss
 
     def _pass1_backward(self, output, loss):
         loss.backward()
