@@ -201,6 +201,7 @@ setup(
         "console_scripts": [
             "fsam-train=fsam_kernels.lm.train:main",
             "fsam-diagnose=fsam_kernels.diagnose_cli:main",
+            "fsam-sweep=fsam_kernels.lm.sweep:main",
         ]
     },
     zip_safe=False,

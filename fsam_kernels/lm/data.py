@@ -19,14 +19,19 @@ Corpora (``--corpus``):
 Every source (a play, a SWORD module, a file) is split on its own: its last
 ``val_fraction`` of characters (cut at a line boundary) is validation, the
 rest training, so validation is a held-out tail of each source and is the same
-for every optimizer and seed. The BPE tokenizer is trained on the training
-split only.
+for every optimizer and seed. With ``test_fraction > 0`` (``fsam-sweep``) the
+split is three-way, each source in order ``train | val | test``: the last
+``test_fraction`` of its characters is the test split, the ``val_fraction``
+before it validation (both fractions of the whole source, cut at line
+boundaries, see :func:`split_three`). The BPE tokenizer is trained on the
+training split only.
 
 Cache: ``<cache_dir>/<corpus>-<hash>/`` holds ``tokenizer-<tok>.json``,
-``<tok>-train.npy`` and ``<tok>-val.npy`` (uint16 token ids when the vocabulary
-fits, else int32) and ``meta.json``. The hash covers the source files (paths,
-sizes, modification times) and ``val_fraction``; ``<tok>`` is ``bpe<vocab>``
-or ``bytes``. Default ``cache_dir``: ``$FSAM_DATA_DIR`` or ``./.data``.
+``<tok>-train.npy``, ``<tok>-val.npy`` (and ``<tok>-test.npy`` for a three-way
+split; uint16 token ids when the vocabulary fits, else int32) and
+``meta.json``. The hash covers the source files (paths, sizes, modification
+times), ``val_fraction`` and (when > 0) ``test_fraction``; ``<tok>`` is
+``bpe<vocab>`` or ``bytes``. Default ``cache_dir``: ``$FSAM_DATA_DIR`` or ``./.data``.
 
 ``python -m fsam_kernels.lm.data --prepare`` prepares the default corpus
 (used by ``make data``).
@@ -274,25 +279,44 @@ def split_tail(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def split_three(text: str, val_fraction: float, test_fraction: float) -> tuple[str, str, str]:
+    """``(train, val, test)`` of one source, in that order and covering it:
+    ``test`` is its last ``test_fraction`` of characters, ``val`` the
+    ``val_fraction`` (of the whole text) before it, each cut moved forward to
+    the next line start (:func:`split_tail`). ``test_fraction == 0`` gives
+    ``test == ""`` and the two-way split of :func:`split_tail`."""
+    if test_fraction <= 0:
+        tr, va = split_tail(text, val_fraction)
+        return tr, va, ""
+    rest, test = split_tail(text, test_fraction)
+    tr, va = split_tail(rest, min(val_fraction / max(1e-12, 1.0 - test_fraction), 1.0))
+    return tr, va, test
+
+
 # --------------------------------------------------------------------------- prepared data
 @dataclass
 class TokenData:
     """A prepared corpus: ``train`` and ``val`` are 1-D numpy arrays of token
     ids (uint16 or int32, memory-mapped from the cache), ``tokenizer`` encodes
-    and decodes, ``meta`` describes the corpus (sources, sizes, cache path)."""
+    and decodes, ``meta`` describes the corpus (sources, sizes, cache path).
+    ``test`` is the held-out test split of a three-way split
+    (``prepare(test_fraction > 0)``), else None."""
 
     train: np.ndarray
     val: np.ndarray
     tokenizer: object
     meta: dict
+    test: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer.vocab_size)
 
 
-def _source_key(sources, val_fraction: float) -> str:
+def _source_key(sources, val_fraction: float, test_fraction: float = 0.0) -> str:
     h = hashlib.sha256(f"v1 val_fraction={val_fraction!r}".encode())
+    if test_fraction > 0:  # two-way caches keep their old keys
+        h.update(f" test_fraction={test_fraction!r}".encode())
     for s in sources:
         h.update(s.name.encode())
         for f in s.files:
@@ -312,7 +336,8 @@ def _encode(tokenizer, text: str) -> np.ndarray:
 def prepare(corpus: str = "shakespeare", data=None, tokenizer: str = "bpe",
             vocab_size: int = 4096, val_fraction: float = 0.05,
             cache_dir: str | None = None, sword_dir: str | None = None,
-            max_chars: int | None = None, verbose: bool = True) -> TokenData:
+            max_chars: int | None = None, verbose: bool = True,
+            test_fraction: float = 0.0) -> TokenData:
     """Load (or build and cache) a tokenized corpus.
 
     corpus / data / sword_dir: see the module docstring (``data`` wins).
@@ -321,54 +346,69 @@ def prepare(corpus: str = "shakespeare", data=None, tokenizer: str = "bpe",
     val_fraction: fraction (0, 1) of each source held out as validation.
     max_chars: keep only the first ``max_chars`` characters of each source
         (for quick tests); part of the cache key.
-    Returns a :class:`TokenData`.
+    test_fraction: fraction [0, 1) of each source held out as a test split
+        after the validation tail (:func:`split_three`); 0 = no test split.
+        ``val_fraction + test_fraction`` must be < 1.
+    Returns a :class:`TokenData` (``test`` set when ``test_fraction > 0``).
     Raises DataError (a ValueError) naming the argument for bad values,
-    missing/empty data, or a corpus too small to yield any validation text.
+    missing/empty data, or a corpus too small to yield any validation (or
+    test) text.
     """
     if tokenizer not in TOKENIZER_KINDS:
         raise DataError(f"--tokenizer {tokenizer!r} is not one of {list(TOKENIZER_KINDS)}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise DataError(f"--test-fraction must be in [0, 1) with --val-fraction + --test-fraction < 1, "
+                        f"got {test_fraction} (--val-fraction {val_fraction})")
     name, sources = corpus_sources(corpus, data, sword_dir)
     cache_dir = cache_dir or os.environ.get("FSAM_DATA_DIR") or ".data"
-    key = _source_key(sources, val_fraction) + (f"-max{max_chars}" if max_chars else "")
+    key = _source_key(sources, val_fraction, test_fraction) + (f"-max{max_chars}" if max_chars else "")
     ddir = os.path.join(cache_dir, f"{name}-{key}")
     tag = "bytes" if tokenizer == "bytes" else f"bpe{vocab_size}"
     tok_path = os.path.join(ddir, f"tokenizer-{tag}.json")
-    train_path, val_path = (os.path.join(ddir, f"{tag}-{s}.npy") for s in ("train", "val"))
+    train_path, val_path, test_path = (os.path.join(ddir, f"{tag}-{s}.npy") for s in ("train", "val", "test"))
     meta_path = os.path.join(ddir, f"{tag}-meta.json")
+    three = test_fraction > 0
 
     def log(msg):
         if verbose:
             print(f"[data] {msg}", file=sys.stderr, flush=True)
 
-    if all(os.path.exists(p) for p in (train_path, val_path, meta_path)) and (
+    if all(os.path.exists(p) for p in (train_path, val_path, meta_path) + ((test_path,) if three else ())) and (
             tokenizer == "bytes" or os.path.exists(tok_path)):
         tok = ByteTokenizer() if tokenizer == "bytes" else BPETokenizer.load(tok_path)
         with open(meta_path) as f:
             meta = json.load(f)
         log(f"using cached {ddir} ({tag})")
-        return TokenData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), tok, meta)
+        return TokenData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), tok, meta,
+                         np.load(test_path, mmap_mode="r") if three else None)
 
     t0 = time.time()
-    train_texts, val_texts = [], []
+    train_texts, val_texts, test_texts = [], [], []
     for s in sources:
         text = s.load()
         if max_chars:
             text = text[:max_chars]
         if not text.strip():
             raise DataError(f"source {s.name!r} contains no text" + (" (--data)" if name == "custom" else ""))
-        tr, va = split_tail(text, val_fraction)
+        tr, va, te = split_three(text, val_fraction, test_fraction)
         train_texts.append(tr)
         if va.strip():
             val_texts.append(va)
+        if te.strip():
+            test_texts.append(te)
     if not val_texts:
         raise DataError(f"corpus {name!r} is too small to hold out a validation tail "
                         f"(--data / --val-fraction {val_fraction})")
+    if three and not test_texts:
+        raise DataError(f"corpus {name!r} is too small to hold out a test tail "
+                        f"(--data / --test-fraction {test_fraction})")
     n_train_chars = sum(map(len, train_texts))
     n_val_chars = sum(map(len, val_texts))
-    log(f"{name}: {len(sources)} sources, {n_train_chars:,} train / {n_val_chars:,} val characters "
-        f"({time.time() - t0:.1f}s)")
+    n_test_chars = sum(map(len, test_texts))
+    log(f"{name}: {len(sources)} sources, {n_train_chars:,} train / {n_val_chars:,} val"
+        + (f" / {n_test_chars:,} test" if three else "") + f" characters ({time.time() - t0:.1f}s)")
     os.makedirs(ddir, exist_ok=True)
     if tokenizer == "bytes":
         tok = ByteTokenizer()
@@ -380,8 +420,10 @@ def prepare(corpus: str = "shakespeare", data=None, tokenizer: str = "bpe",
     t1 = time.time()
     train_ids = _encode(tok, "\n\n".join(train_texts))
     val_ids = _encode(tok, "\n\n".join(val_texts))
-    log(f"tokenized: {len(train_ids):,} train / {len(val_ids):,} val tokens ({time.time() - t1:.1f}s)")
-    for path, arr in ((train_path, train_ids), (val_path, val_ids)):
+    test_ids = _encode(tok, "\n\n".join(test_texts)) if three else None
+    log(f"tokenized: {len(train_ids):,} train / {len(val_ids):,} val"
+        + (f" / {len(test_ids):,} test" if three else "") + f" tokens ({time.time() - t1:.1f}s)")
+    for path, arr in ((train_path, train_ids), (val_path, val_ids)) + (((test_path, test_ids),) if three else ()):
         tmp = path + ".tmp.npy"
         np.save(tmp, arr)
         os.replace(tmp, path)
@@ -390,10 +432,13 @@ def prepare(corpus: str = "shakespeare", data=None, tokenizer: str = "bpe",
             "train_chars": n_train_chars, "val_chars": n_val_chars,
             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
             "max_chars": max_chars, "cache": ddir}
+    if three:
+        meta.update(test_fraction=test_fraction, test_chars=n_test_chars, test_tokens=int(len(test_ids)))
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(meta_path + ".tmp", meta_path)
-    return TokenData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), tok, meta)
+    return TokenData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), tok, meta,
+                     np.load(test_path, mmap_mode="r") if three else None)
 
 
 # --------------------------------------------------------------------------- batches
@@ -457,7 +502,8 @@ def prepare_from_args(args, verbose: bool = True) -> TokenData:
     return prepare(corpus=args.corpus, data=args.data, tokenizer=args.tokenizer,
                    vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                    cache_dir=args.cache_dir, sword_dir=args.sword_dir,
-                   max_chars=args.max_chars, verbose=verbose)
+                   max_chars=args.max_chars, verbose=verbose,
+                   test_fraction=getattr(args, "test_fraction", 0.0) or 0.0)
 
 
 def main(argv=None) -> int:

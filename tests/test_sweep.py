@@ -1,0 +1,285 @@
+"""fsam-sweep: statistics, the three-way split, resume and bad input.
+
+Everything runs on a synthetic corpus written here (numbered lines, byte
+tokenizer, preset tiny, a few steps), so a token's position in the corpus can
+be read back from its text.
+"""
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from fsam_kernels.lm import data as lmdata
+from fsam_kernels.lm import sweep as S
+from fsam_kernels.lm import train as lmtrain
+
+N_LINES = 600
+
+
+def corpus(test_words="omega"):
+    """Numbered lines of equal length; ``test_words`` changes only the words
+    of lines inside the last 10% (the test tail of ``--test-fraction 0.1``)."""
+    lines = []
+    for i in range(N_LINES):
+        w = "alpha beta" if i < int(N_LINES * 0.9) + 5 else f"{test_words:<5.5} gamm"
+        lines.append(f"L{i:04d} {w} {i % 7}")
+    return "\n".join(lines) + "\n"
+
+
+def line_numbers(text):
+    return {int(m) for m in re.findall(r"L(\d{4})", text)}
+
+
+# --------------------------------------------------------------------------- statistics
+T_TABLE = {  # two-sided 95% (p = 0.975), from the closed forms / standard tables
+    1: 12.706204736174704, 2: 4.302652729749464, 3: 3.182446305284263,
+    4: 2.7764451051977987, 9: 2.2621571628540993, 29: 2.045229642132703}
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE))
+def test_t_quantile_numeric_matches_table(df):
+    # the scipy-free path, checked against closed forms (df 1, 2) and tables
+    assert S._t_quantile_numeric(0.975, df) == pytest.approx(T_TABLE[df], rel=1e-7)
+    assert S._t_quantile_numeric(0.025, df) == pytest.approx(-T_TABLE[df], rel=1e-7)
+    p = 0.9
+    if df == 1:
+        assert S._t_quantile_numeric(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-7)
+    if df == 2:
+        assert S._t_quantile_numeric(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-7)
+
+
+def test_t_quantile_against_scipy():
+    st = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 5, 10, 40):
+        for p in (0.6, 0.95, 0.975, 0.995, 0.01):
+            assert S.t_quantile(p, df) == pytest.approx(st.t.ppf(p, df), rel=1e-9)
+            assert S._t_quantile_numeric(p, df) == pytest.approx(st.t.ppf(p, df), rel=1e-7)
+
+
+def test_t_quantile_bad_input():
+    with pytest.raises(ValueError, match="p must be in"):
+        S.t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="df must be an integer >= 1"):
+        S.t_quantile(0.9, 0)
+
+
+def test_mean_ci_by_hand():
+    v = [1.0, 2.0, 3.0, 4.0]
+    iv = S.mean_ci(v)
+    s = math.sqrt(sum((x - 2.5) ** 2 for x in v) / 3)  # 1.2909944
+    assert iv.mean == pytest.approx(2.5) and iv.std == pytest.approx(s) and iv.n == 4
+    assert iv.half == pytest.approx(T_TABLE[3] * s / 2.0, rel=1e-9)
+    d = iv.to_dict()
+    assert d["ci"] == pytest.approx([2.5 - iv.half, 2.5 + iv.half])
+    st = pytest.importorskip("scipy.stats")
+    lo, hi = st.t.interval(0.95, 3, loc=2.5, scale=s / 2.0)
+    assert d["ci"] == pytest.approx([lo, hi], rel=1e-9)
+
+
+def test_mean_ci_edge_cases():
+    assert S.mean_ci([]).mean is None
+    one = S.mean_ci([3.0])
+    assert one.mean == 3.0 and one.half is None and one.fmt() == "3.0000 (n=1)"
+    bad = S.mean_ci([1.0, float("nan"), 2.0])
+    assert bad.mean is None and bad.nonfinite == 1 and "diverged" in bad.fmt()
+
+
+def test_paired_diff_uses_common_seeds_only():
+    a = {0: 1.0, 1: 2.0, 2: 4.0}
+    b = {0: 0.5, 1: 1.0, 2: 3.0, 3: 9.0}  # seed 3 has no partner
+    iv = S.paired_diff(a, b)
+    d = np.array([0.5, 1.0, 1.0])
+    assert iv.n == 3 and iv.mean == pytest.approx(d.mean())
+    assert iv.half == pytest.approx(T_TABLE[2] * d.std(ddof=1) / math.sqrt(3), rel=1e-9)
+    # pairing removes the shared per-seed offset: same differences, any offset
+    shift = {0: 10.0, 1: -3.0, 2: 7.0}
+    iv2 = S.paired_diff({s: a[s] + shift[s] for s in a}, {s: b[s] + shift[s] for s in a})
+    assert iv2.mean == pytest.approx(iv.mean) and iv2.half == pytest.approx(iv.half)
+
+
+# --------------------------------------------------------------------------- split
+def test_split_three_covers_in_order():
+    text = corpus()
+    tr, va, te = lmdata.split_three(text, 0.1, 0.1)
+    assert tr + va + te == text
+    assert abs(len(te) - 0.1 * len(text)) < 30 and abs(len(va) - 0.1 * len(text)) < 30
+    assert te.startswith("L") and va.startswith("L")  # cut at line starts
+    assert lmdata.split_three(text, 0.1, 0.0) == (*lmdata.split_tail(text, 0.1), "")
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_prepare_three_way_split_is_disjoint(tmp_path, tokenizer):
+    (tmp_path / "c.txt").write_text(corpus())
+    d = lmdata.prepare(data=[str(tmp_path / "c.txt")], tokenizer=tokenizer, vocab_size=300,
+                       val_fraction=0.1, test_fraction=0.1, cache_dir=str(tmp_path / "cache"), verbose=False)
+    tr, va, te = (line_numbers(d.tokenizer.decode(a.tolist())) for a in (d.train, d.val, d.test))
+    assert tr and va and te
+    assert max(tr) < min(va) and max(va) < min(te) and max(te) == N_LINES - 1  # index ranges
+    assert d.meta["test_tokens"] == len(d.test) and d.meta["test_fraction"] == 0.1
+    # content hashes: no test line (text) occurs in the training or validation split
+    lines = corpus().splitlines()
+    test_lines = {lines[i] for i in te}
+    for arr in (d.train, d.val):
+        txt = d.tokenizer.decode(arr.tolist())
+        assert not any(line in txt for line in test_lines)
+    # the cache of the two-way split is a different one (old keys unchanged)
+    d2 = lmdata.prepare(data=[str(tmp_path / "c.txt")], tokenizer=tokenizer, vocab_size=300,
+                        val_fraction=0.1, cache_dir=str(tmp_path / "cache"), verbose=False)
+    assert d2.test is None and d2.meta["cache"] != d.meta["cache"]
+
+
+def test_prepare_rejects_bad_test_fraction(tmp_path):
+    (tmp_path / "c.txt").write_text(corpus())
+    with pytest.raises(lmdata.DataError, match="--test-fraction"):
+        lmdata.prepare(data=[str(tmp_path / "c.txt")], tokenizer="bytes", val_fraction=0.5,
+                       test_fraction=0.5, cache_dir=str(tmp_path / "cache"), verbose=False)
+
+
+# --------------------------------------------------------------------------- sweeps
+def sweep_argv(tmp_path, out, text_file, *extra):
+    return ["--out", str(out), "--data", str(text_file), "--tokenizer", "bytes", "--cache-dir",
+            str(tmp_path / "cache"), "--val-fraction", "0.1", "--test-fraction", "0.1",
+            "--preset", "tiny", "--seq-len", "16", "--batch-size", "4", "--eval-batches", "2",
+            "--test-batches", "4", "--steps", "6", "--evals", "2", "--optimizers", "adamw,sam",
+            "--rho", "0.05,0.5", "--seeds", "0,1", "--no-progress", "--no-plots", "--threads", "1",
+            *extra]
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in S.TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def results(out):
+    return {k: strip_timing(v) for k, v in S.collect_results(str(out)).items()}
+
+
+@pytest.fixture()
+def texts(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b" / "a.txt"
+    b.parent.mkdir()
+    a.write_text(corpus())
+    b.write_text(corpus("zeta"))  # differs from a only inside the test tail
+    assert len(a.read_text()) == len(b.read_text())
+    return a, b
+
+
+def test_sweep_resume_and_no_test_leak(tmp_path, texts, monkeypatch):
+    a, b = texts
+    seen_train, seen_val = [], []
+    real_train_one = lmtrain.train_one
+
+    def spy_train_one(name, seed, args, data, val, *rest):
+        assert set(vars(data)) == {"train", "vocab_size"}  # training gets no val/test array
+        tok = lmdata.ByteTokenizer()
+        seen_train.append(line_numbers(tok.decode(np.asarray(data.train).tolist())))
+        seen_val.append(set().union(*(line_numbers(tok.decode(x.flatten().tolist())) for x, _ in val)))
+        return real_train_one(name, seed, args, data, val, *rest)
+
+    monkeypatch.setattr(lmtrain, "train_one", spy_train_one)
+    # 1. uninterrupted, with the diagnostics
+    assert S.main(sweep_argv(tmp_path, tmp_path / "full", a)) == 0
+    full = results(tmp_path / "full")
+    # phase 1: adamw x 2 seeds, sam x 2 rho on seed 0, adamw2x x 2 seeds; phase 2: sam seed 1
+    assert len(full) == 7 and {r["name"] for r in full.values()} == {"adamw", "sam", "adamw2x"}
+    assert all("diag_lambda_max" in r["diagnostics"] for r in full.values())
+    rep = json.load(open(tmp_path / "full" / "report.json"))
+    assert rep["missing"] == [] and rep["runs_done"] == 7
+    test_start = min(line_numbers(lmdata.split_three(corpus(), 0.1, 0.1)[2]))
+    assert int(N_LINES * 0.9) - 2 <= test_start <= int(N_LINES * 0.9) + 2
+    assert all(max(s) < test_start for s in seen_train + seen_val)
+    n_calls = len(seen_train)
+
+    # 2. the same sweep killed twice: after 2 runs (--max-runs), then by an error mid-run
+    real_batch = lmtrain.train_batch
+    state = {"raised": False}
+
+    def failing_batch(tokens, bs, sl, seed, step, device="cpu"):
+        if seed == 1 and step == 4 and not state["raised"]:
+            state["raised"] = True
+            raise RuntimeError("simulated crash")
+        return real_batch(tokens, bs, sl, seed, step, device)
+
+    part = tmp_path / "part"
+    assert S.main(sweep_argv(tmp_path, part, a, "--max-runs", "2")) == 0
+    assert len(S.collect_results(str(part))) == 2
+    rep = json.load(open(part / "report.json"))
+    assert len(rep["missing"]) == 5  # the report marks what is not done
+    monkeypatch.setattr(lmtrain, "train_batch", failing_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        S.main(sweep_argv(tmp_path, part, a))
+    crashed = [r for r in os.listdir(part / "runs") if not (part / "runs" / r / "result.json").exists()]
+    assert len(crashed) == 1 and "seed1" in crashed[0]  # checkpointed at step 3, no result
+    before = len(seen_train)
+    done_before = set(S.collect_results(str(part)))
+    assert S.main(sweep_argv(tmp_path, part, a)) == 0
+    rerun = {r for r in os.listdir(part / "runs")}
+    assert len(seen_train) - before == 7 - len(done_before)  # finished runs were skipped
+    assert results(part) == full  # identical to the uninterrupted sweep
+    assert rerun == set(full)
+
+    # 3. another test tail: training, validation and the choice of rho unchanged, test loss not
+    other = tmp_path / "other"
+    monkeypatch.setattr(lmtrain, "train_batch", real_batch)
+    assert S.main(sweep_argv(tmp_path, other, b, "--no-diagnose")) == 0
+    res_b = results(other)
+    assert set(res_b) == set(full)
+    for k, r in full.items():
+        assert res_b[k]["curve"] == r["curve"] and res_b[k]["val_loss_full"] == r["val_loss_full"]
+        assert res_b[k]["test_loss"] != r["test_loss"]
+    rep_b = json.load(open(other / "report.json"))
+    assert rep_b["chosen_rho"] == json.load(open(tmp_path / "full" / "report.json"))["chosen_rho"]
+    assert n_calls == 7
+
+
+def test_choose_rho_reads_validation_only():
+    res = {}
+    for rho, val, test in ((0.1, 3.0, 9.0), (0.3, 2.5, 1.0), (1.0, 2.7, 0.5)):
+        sp = S.RunSpec("psam", rho, 0, 10, "select")
+        res[sp.run_id] = {"val_loss_full": val, "test_loss": test}
+    c = S.choose_rho(res, "psam", [0.1, 0.3, 1.0], [0], 10)
+    assert c["rho"] == 0.3 and c["complete"]
+    for r in res.values():
+        r["test_loss"] = -r["test_loss"]  # any test numbers: same choice
+    assert S.choose_rho(res, "psam", [0.1, 0.3, 1.0], [0], 10)["rho"] == 0.3
+    del res[S.RunSpec("psam", 0.3, 0, 10, "").run_id]
+    c = S.choose_rho(res, "psam", [0.1, 0.3, 1.0], [0], 10)
+    assert c["rho"] == 1.0 and not c["complete"] and c["val"][0.3] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizers", "adamw,lion"], "unknown optimizer 'lion'"),
+    (["--optimizers", ""], "--optimizers is empty"),
+    (["--rho", ""], "--rho is empty"),
+    (["--prho", "0.1,-0.2"], "--prho: -0.2 must be >= 0"),
+    (["--rho=-1"], "--rho: -1 must be >= 0"),
+    (["--seeds", "0,1,0"], "--seeds lists 0 more than once"),
+    (["--seeds", ""], "--seeds is empty"),
+    (["--select-seeds", "5"], r"--select-seeds \[5\] are not in --seeds"),
+    (["--steps", "0"], "--steps 0 is out of range"),
+    (["--seed-offset", "3"], "--seed-offset is set by fsam-sweep"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input(tmp_path, capsys, extra, message):
+    argv = sweep_argv(tmp_path, tmp_path / "bad", tmp_path / "none.txt")
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + extra)
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_other_settings_in_same_out_are_refused(tmp_path, texts, capsys):
+    a, _ = texts
+    out = tmp_path / "o"
+    assert S.main(sweep_argv(tmp_path, out, a, "--max-runs", "0")) == 0
+    with pytest.raises(SystemExit):
+        S.main(sweep_argv(tmp_path, out, a, "--max-runs", "0", "--lr", "0.01"))
+    assert "--lr was 0.003, now 0.01" in capsys.readouterr().err
+    # --report-only reads the saved settings, needs no data
+    assert S.main(["--out", str(out), "--report-only", "--no-plots"]) == 0
