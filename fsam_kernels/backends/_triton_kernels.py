@@ -24,12 +24,21 @@ kernel increments the steps, after reading them and before any element
 kernel runs, so no tile ever sees a half-updated step.
 
 Arithmetic is float32 (float64 for float64 parameters: ``CT`` / ``F64``);
-16-bit values are cast on load and rounded once on store. Divisions and
-square roots use the correctly rounded forms (``div_rn``/``sqrt_rn`` in
+16-bit values are cast on load and rounded once on store, to nearest even:
+bfloat16 through an explicit rounding of the float32 bits (``_to_param``, as
+csrc/include/fsam/math.h does), because the Triton interpreter's float32 to
+bfloat16 cast truncates; float16 through the plain cast, which rounds to
+nearest even both compiled (``cvt.rn``) and interpreted (numpy). Divisions
+and square roots use the correctly rounded forms (``div_rn``/``sqrt_rn`` in
 float32), as the reference does.
 
-The kernels call no ``@triton.jit`` helpers: in the interpreter every helper
-call costs milliseconds, so the few shared lines are written out in place.
+N² (SPEC §1): per-tile partial sums in float64 (float32 accumulation inside a
+tile), added in float64 in a fixed order into the float64 ``out``; the
+perturbation kernel reads that float64 value, tests it for finiteness, and
+rounds it once to float32 to form the scale.
+
+The small shared pieces are ``@triton.jit`` helpers (inlined when compiled;
+each call costs some time under the interpreter, so there are few).
 """
 
 import triton
@@ -50,6 +59,30 @@ def _div(a, b, F64: tl.constexpr):
         r = a / b
     else:
         r = tl.div_rn(a, b)
+    return r
+
+
+@triton.jit
+def _finite64(x):
+    """x (float64) is neither inf nor NaN: its exponent bits are not all ones."""
+    bits = x.to(tl.int64, bitcast=True)
+    return ((bits >> 52) & 0x7FF) != 0x7FF
+
+
+@triton.jit
+def _to_param(x, P_DT: tl.constexpr):
+    """A float32 (or float64) working value rounded once to the parameter dtype,
+    to nearest even. bfloat16 by hand on the float32 bits (the interpreter's cast
+    truncates): add 0x7FFF plus the kept half's lowest bit, keep the high half;
+    NaN becomes a quiet NaN of the same sign, inf stays inf, overflow gives inf."""
+    if P_DT == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+        nan = ((u >> 16) & 0x8000) | 0x7FC0
+        h = tl.where((u & 0x7FFFFFFF) > 0x7F800000, nan, rounded)
+        r = h.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        r = x.to(P_DT)
     return r
 
 
@@ -164,22 +197,24 @@ def sq_norm_partial_kernel(
 
 @triton.jit
 def sq_norm_finish_kernel(partial_ptr, n_partials, out_ptr, BLOCK: tl.constexpr):
-    """out += Σ partial, summed in float64 in a fixed order (one program)."""
+    """out += Σ partial, summed in float64 in a fixed order (one program); ``out``
+    is float64, so N² stays float64 across calls and groups (SPEC §1)."""
     acc = tl.full([BLOCK], 0.0, tl.float64)
     for start in range(0, n_partials, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         acc += tl.load(partial_ptr + offs, mask=offs < n_partials, other=0.0)
     total = tl.sum(acc, axis=0)
     o = tl.load(out_ptr).to(tl.float64)
-    tl.store(out_ptr, (o + total).to(tl.float32))
+    tl.store(out_ptr, o + total)
 
 
 # --------------------------------------------------------------------- perturb
 @triton.jit
 def flag_nonfinite_kernel(norm_ptr, found_inf_ptr):
-    """found_inf <- 1 if N² is not finite (used when there is nothing to perturb)."""
-    n2 = tl.load(norm_ptr).to(tl.float32)
-    if (n2 != n2) | (tl.abs(n2) > 3.4028234663852886e38):  # nan or inf
+    """found_inf <- 1 if N² (float64) is not finite (used when there is nothing to
+    perturb)."""
+    n2 = tl.load(norm_ptr).to(tl.float64)
+    if ~_finite64(n2):
         tl.store(found_inf_ptr, 1.0)
 
 
@@ -194,16 +229,19 @@ def perturb_kernel(
     PRECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """b <- p; p <- p + (rho / (sqrt(N²) + norm_eps)) * d unless skipped."""
+    """b <- p; p <- p + (rho / (sqrt(N²) + norm_eps)) * d unless skipped.
+
+    N² is read as float64 and tested for finiteness there; the scale is formed
+    in float32 from N² rounded once to float32 (SPEC §1)."""
     pid = tl.program_id(0)
     tid = tl.load(tile_tensor_ptr + pid).to(tl.int64)
     start = tl.load(tile_chunk_ptr + pid).to(tl.int64) * CHUNK
     n = tl.load(numel_ptr + tid).to(tl.int64)
-    n2 = tl.load(norm_ptr).to(tl.float32)
-    bad = (n2 != n2) | (tl.abs(n2) > 3.4028234663852886e38)  # nan or inf
-    if (pid == 0) & bad:
+    n2_64 = tl.load(norm_ptr).to(tl.float64)
+    finite = _finite64(n2_64)
+    if (pid == 0) & (~finite):
         tl.store(found_inf_ptr, 1.0)
-    finite = tl.abs(n2) <= 3.4028234663852886e38  # false for nan and inf
+    n2 = n2_64.to(tl.float32)
     # every program decides from N² itself, so the write above cannot race it
     keep = (tl.load(found_inf_ptr) == 0.0) & finite
     n_keep = tl.where(keep, n, 0)  # bound of the elements written to p
@@ -231,7 +269,7 @@ def perturb_kernel(
         if PRECOND:
             v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(CT)
             g = _direction(g, v, bc2, eps, use, F64)
-        new_p = (p.to(CT) + g * scale).to(P_DT)
+        new_p = _to_param(p.to(CT) + g * scale, P_DT)
         tl.store(p_ptr + offs, new_p, mask=offs < n_keep)
 
 
@@ -295,7 +333,7 @@ def restore_adamw_kernel(
         else:
             den = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
             w = w + (-step_size) * tl.div_rn(m, den)
-        tl.store(p_ptr + offs, tl.where(keep, w.to(P_DT), p_raw), mask=mask)
+        tl.store(p_ptr + offs, tl.where(keep, _to_param(w, P_DT), p_raw), mask=mask)
         tl.store(m_ptr + offs, m, mask=offs < n_keep)
         tl.store(v_ptr + offs, v, mask=offs < n_keep)
 

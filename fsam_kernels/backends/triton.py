@@ -11,10 +11,13 @@ are cached, keyed by the tuple of data pointers (pointer tables) and of sizes
 set to None and reallocated: only the grad pointer table is rebuilt).
 
 Numerics (SPEC §1-§4): arithmetic in float32 (float64 for float64
-parameters), 16-bit values cast on load and rounded once on store; the norm in
-two deterministic stages (per-tile partials in float64, then one program
-adding them in a fixed order into ``out``), left on the device and read
-through a pointer by the perturbation kernel; ``grad_scale`` divides grads
+parameters), 16-bit values cast on load and rounded once on store, to nearest
+even (bfloat16 explicitly in the kernels: the interpreter's cast truncates);
+the norm in two deterministic stages (per-tile partials in float64, then one
+program adding them in a fixed order into the float64 ``out``, so N² stays
+float64 across calls and groups and is rounded to float32 once, where the
+perturbation kernel forms the scale), left on the device and read through a
+pointer by the perturbation kernel; ``grad_scale`` divides grads
 inside the kernels; ``found_inf`` is read inside the kernels; per-tensor steps
 are read through a pointer table, bias corrections are computed in-kernel and
 steps are incremented in-kernel. Nothing in the step path reads a device value
@@ -187,7 +190,7 @@ class TritonBackend(Backend):
     """Triton multi-tensor kernels (see the module docstring)."""
 
     name = "triton"
-    norm_dtype = torch.float32
+    norm_dtype = torch.float64
     fused = True
 
     #: (BLOCK, CHUNK, num_warps) per device type: a program handles CHUNK
@@ -298,9 +301,9 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ sq_norm
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition,
                 grad_scale, out, cache=None):
-        if out.dtype != torch.float32 or out.numel() != 1:
+        if out.dtype != self.norm_dtype or out.numel() != 1:
             raise TypeError(f"triton backend: out is {out.dtype} of shape {tuple(out.shape)}; "
-                            f"expected a 0-d float32 tensor (norm_dtype)")
+                            f"expected a 0-d float64 tensor (norm_dtype, SPEC §1)")
         device = out.device
         n = len(grads)
         _check_scalar("grad_scale", grad_scale, device)
@@ -382,7 +385,7 @@ class TritonBackend(Backend):
             _check_len("steps", steps, n)
         device = found_inf.device
         _check_scalar("found_inf", found_inf, device)
-        _check_scalar("norm_sq", norm_sq, device)
+        _check_scalar("norm_sq", norm_sq, device, self.norm_dtype)
         _check_scalar("grad_scale", grad_scale, device)
         gs: List[Tensor] = []
         for i, p in enumerate(params):
