@@ -3,9 +3,19 @@
 Tolerances are SPEC §5: float32 rtol 1e-6 / atol 1e-7 after one step (1e-5
 after ten), bfloat16/float16 within one ulp of the parameter dtype, restores
 and skipped steps bitwise, two runs bitwise identical. Case names (D-A1 ...)
-are those of docs/CASES.md section A. Every test runs on "cpu" and,
-where a CUDA device is present, on "cuda"; the GPU-large cases are marked
-``gpu_large`` and skipped without a GPU of >= 50 GiB.
+are those of docs/CASES.md section A.
+
+Every kernel test takes the ``device`` fixture, which runs it on each target:
+- ``cpu-baseline``, ``cpu-avx2``, ``cpu-avx512``: the CPU kernels with that
+  instruction set forced (``native.using_cpu_isa``), each one the CPU has
+  (the others are skipped, saying which sets the CPU has), so the suite
+  checks every path whichever CPU runs it;
+- ``cuda``: the CUDA kernels on CUDA tensors, where a GPU is present;
+- ``cuda_emu``: the same CUDA kernel source built for the host with
+  csrc/include/fsam/cuda_emu.h, on CPU tensors, only in a process started
+  with FSAM_CUDA_EMULATE=1 (tests/test_cuda_emulated.py runs this file so).
+The GPU-large cases are marked ``gpu_large`` and skipped without a GPU of
+>= 50 GiB.
 """
 from __future__ import annotations
 
@@ -21,14 +31,61 @@ from fsam_kernels.backends.native import CPUBackend, CUDABackend
 from fsam_kernels.backends.reference import ReferenceBackend
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])]
+CUDA_EMULATED = bool(getattr(native, "CUDA_EMULATED", False))
+_CPU_ISAS = native.supported_cpu_isas() if native.cpu_library() is not None else ()
+
+
+def _cpu_target(isa):
+    marks = [] if isa in _CPU_ISAS else [pytest.mark.skip(
+        reason=f"this CPU lacks {isa} (it supports {', '.join(_CPU_ISAS) or 'none: no library'})")]
+    return pytest.param(f"cpu-{isa}", id=f"cpu-{isa}", marks=marks)
+
+
+_CUDA_TARGET = pytest.param("cuda", id="cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])
+_EMU_TARGETS = [pytest.param("cuda_emu", id="cuda_emu")] if CUDA_EMULATED else []
+#: every target (use with indirect=True: the ``device`` fixture below)
+DEVICES = [_cpu_target(i) for i in native.CPU_ISAS] + [_CUDA_TARGET] + _EMU_TARGETS
+#: the CPU kernels on the default instruction set only (for slow tests that
+#: exercise no ISA-specific code, e.g. torch.compile tracing)
+DEVICES_ONE_ISA = ["cpu"] + [_CUDA_TARGET] + _EMU_TARGETS
 REF = ReferenceBackend()
 BETA1, BETA2, EPS, NORM_EPS = 0.9, 0.999, 1e-8, 1e-12
 CHUNK = 65536  # the CPU chunk; CUDA tiles are a divisor or multiple of it
 
+_target_backend = None  # the backend of the current ``device`` fixture's target
+
+
+@pytest.fixture
+def device(request):
+    """The tensors' device of the target ``request.param`` (see the module
+    docstring); ``native_backend(device)`` then returns the target's backend."""
+    global _target_backend
+    target = request.param
+    if target.startswith("cpu-"):
+        be, dev, isa = CPUBackend, "cpu", target[4:]
+    elif target == "cuda_emu":
+        be, dev, isa = CUDABackend, "cpu", None
+    else:
+        be, dev, isa = (CPUBackend if target == "cpu" else CUDABackend), target, None
+    ok, why = be.availability(torch.device(dev))
+    # A present device with an unbuilt library is a failure, not a skip.
+    assert ok, f"{be.name} backend for {target} unavailable: {why}"
+    _target_backend = be()
+    try:
+        if isa is None:
+            yield dev
+        else:
+            with native.using_cpu_isa(isa):
+                assert native.cpu_isa() == isa
+                yield dev
+    finally:
+        _target_backend = None
+
 
 def native_backend(device):
+    if _target_backend is not None:
+        return _target_backend
     cls = CPUBackend if torch.device(device).type == "cpu" else CUDABackend
     ok, why = cls.availability(torch.device(device))
     # A present device with an unbuilt library is a failure, not a skip.
@@ -191,7 +248,7 @@ SHAPES = [(0,), (8,), (33, 17), (CHUNK - 1,), (0, 4), (CHUNK + 1,), (2 * CHUNK +
 # ----------------------------------------------------------------------------
 # Every op against the reference
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 @pytest.mark.parametrize("pdtype,gdtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -205,7 +262,7 @@ def test_ops_match_reference(device, precondition, pdtype, gdtype):
     compare_ops(device, st, precondition)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_mixed_dtypes_in_one_call(device, precondition):
     pd = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32]
@@ -215,14 +272,14 @@ def test_mixed_dtypes_in_one_call(device, precondition):
     compare_ops(device, st, precondition)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_grad_scale_and_maximize_match_reference(device, precondition):
     st = make_state([(300,), (0,), (CHUNK + 9,)], torch.float32, torch.float32, device, seed=3)
     compare_ops(device, st, precondition, grad_scale=256.0, maximize=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_ten_steps_within_tolerance(device, precondition):
     be = native_backend(device)
@@ -241,7 +298,7 @@ def test_ten_steps_within_tolerance(device, precondition):
     assert_states_close(a, b, "after 10 steps", rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_full_step_matches_reference(device, precondition):
     """A whole step, each backend with its own N² (float32 vs float64)."""
@@ -259,7 +316,7 @@ def test_full_step_matches_reference(device, precondition):
 # ----------------------------------------------------------------------------
 # A. Empty tensors and many tensors
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_DA1_thousand_empty_tensors_then_one(device, precondition):
     be = native_backend(device)
@@ -276,7 +333,7 @@ def test_DA1_thousand_empty_tensors_then_one(device, precondition):
     assert all(float(s) == 3.0 for s in a["steps"])  # every step counted, empty or not
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("empty_first", [False, True])
 @pytest.mark.parametrize("wd,expected", [(0.0, 0.9990000001), (0.01, 0.99899)])
 def test_DA2_exact_values(device, empty_first, wd, expected):
@@ -292,7 +349,7 @@ def test_DA2_exact_values(device, empty_first, wd, expected):
                                    rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_empty_tensor_at_every_position(device):
     base = [(5,), (2 * CHUNK + 3,), (64, 3), (1,)]  # > 2 chunks: the threaded path
     for pos in range(len(base) + 1):
@@ -301,7 +358,7 @@ def test_empty_tensor_at_every_position(device):
         compare_ops(device, st, precondition=pos % 2 == 1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_all_empty_and_no_tensors(device):
     be = native_backend(device)
     for shapes in ([], [(0,)], [(0,), (0, 3)]):
@@ -327,7 +384,7 @@ def test_all_empty_and_no_tensors(device):
     assert float(fi) == 1.0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_more_than_thousand_tensors(device, precondition):
     gen = torch.Generator().manual_seed(8)
@@ -349,7 +406,7 @@ def _views_state(device, dtype, seed):
     return buf, params, st
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_views_at_odd_offsets(device, dtype):
     be = native_backend(device)
@@ -401,7 +458,7 @@ def _transposed_copy(t):
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 @pytest.mark.parametrize("p_layout,g_layout", [
     ("contiguous", "channels_last"), ("channels_last", "contiguous"),
@@ -420,7 +477,7 @@ def test_DE1_layouts_by_logical_index(device, precondition, p_layout, g_layout):
             assert_bitwise(x.contiguous(), y, f"{p_layout}/{g_layout} {k}[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_DE2_transposed_view_param(device):
     """A .t() view of a (128, 64) weight: correct by logical index."""
     be = native_backend(device)
@@ -441,7 +498,7 @@ def test_DE2_transposed_view_param(device):
     assert_spec_close(w_a, w_b, "underlying weight")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_non_dense_param_is_a_clear_error(device):
     be = native_backend(device)
     w = torch.randn(16, 32, device=device)
@@ -457,7 +514,7 @@ def test_non_dense_param_is_a_clear_error(device):
         be.restore([overlapping], [torch.zeros(8, device=device)])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_bad_arguments_are_clear_errors(device):
     be = native_backend(device)
     p = torch.randn(10, device=device)
@@ -485,7 +542,7 @@ def test_bad_arguments_are_clear_errors(device):
 # ----------------------------------------------------------------------------
 # C. Non-finite values, loss scaling, skipped steps
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 @pytest.mark.parametrize("preset", [True, False], ids=["found_inf=1", "found_by_norm"])
@@ -508,7 +565,7 @@ def test_DC1_skip_leaves_everything_bitwise(device, bad, precondition, preset):
             assert_bitwise(st[k][i], before[k][i], f"skipped {k}[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_DC1_skip_without_backups(device):
     be = native_backend(device)
     st = make_state([(50,), (7,)], torch.float32, None, device, seed=14)
@@ -521,7 +578,7 @@ def test_DC1_skip_without_backups(device):
             assert_bitwise(st[k][i], before[k][i], f"{k}[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_DC2_grad_scale_equals_unscaled(device, precondition, gdtype):
@@ -549,7 +606,7 @@ def test_DC2_grad_scale_equals_unscaled(device, precondition, gdtype):
 # ----------------------------------------------------------------------------
 # D. Zero grads, fp16 accumulation, low-precision norms
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_DD1_zero_grads(device, precondition):
     be = native_backend(device)
@@ -572,7 +629,7 @@ def test_DD1_zero_grads(device, precondition):
     assert torch.isfinite(torch.cat([p.flatten() for p in st["params"]])).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.float16])
 def test_DD2_fp16_norm_accumulation(device, pdtype):
     be = native_backend(device)
@@ -588,7 +645,7 @@ def test_DD2_fp16_norm_accumulation(device, pdtype):
         assert_spec_close(pert[0].cpu(), expected.to(pdtype), "fp16 perturbation")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_DD3_low_precision_ones_norms(device):
     be = native_backend(device)
     for dtype, n, expected in ((torch.bfloat16, 1_000_000, 1000.0), (torch.float16, 65536, 256.0)):
@@ -601,7 +658,7 @@ def test_DD3_low_precision_ones_norms(device):
 # ----------------------------------------------------------------------------
 # F. Dtypes
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_DF5_maximize_equals_negated_grad(device):
     be = native_backend(device)
     st = make_state([(200,), (0,), (CHUNK + 3,)], [torch.float32, torch.float32, torch.bfloat16],
@@ -615,7 +672,7 @@ def test_DF5_maximize_equals_negated_grad(device):
             assert_bitwise(a[k][i], b[k][i], f"{k}[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_steps_are_per_tensor(device):
     """Each tensor uses its own t for the bias corrections (D-A3, D-G3)."""
     st = make_state([(64,), (64,), (64,)], torch.float32, None, device, seed=18, steps=[0, 10, 3])
@@ -624,7 +681,7 @@ def test_steps_are_per_tensor(device):
     assert [float(s) for s in a["steps"]] == [1.0, 11.0, 4.0]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_roundtrip_and_rounding(device, dtype):
     """rho = 0 perturbs by exactly 0: every finite 16-bit pattern survives the
@@ -706,7 +763,7 @@ def _determinism_run(device, threads=None):
     return norms, st
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_DJ1_determinism(device):
     n1, s1 = _determinism_run(device)
     n2, s2 = _determinism_run(device)
@@ -732,16 +789,21 @@ def test_DJ1_determinism_across_thread_counts():
                 assert_bitwise(x, y, f"{k}[{i}] across thread counts")
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", [
+    pytest.param(i, marks=[] if i in _CPU_ISAS else [pytest.mark.skip(
+        reason=f"this CPU lacks {i} (it supports {', '.join(_CPU_ISAS)})")])
+    for i in native.CPU_ISAS])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_DJ1_bitwise_across_isa_and_streaming_stores(isa, streaming):
     """Every instruction-set instance of the CPU kernels, with and without
     streaming stores, gives bitwise the results of the baseline without them
-    (mixed dtypes, odd offsets, sizes around the chunk, skip and grad_scale)."""
+    (mixed dtypes, odd offsets, sizes around the chunk, skip and grad_scale):
+    SPEC §5, the same results whichever CPU or instruction set runs them."""
     saved_isa, saved_nt = native.cpu_isa(), native.get_streaming_min_bytes()
 
     def run(isa_, nt):
         native.set_cpu_isa(isa_)
+        assert native.cpu_isa() == isa_   # forced, not capped
         native.set_streaming_min_bytes(0 if nt else -1)
         out = []
         shapes = [(CHUNK + 3,), (0,), (17,), (2 * CHUNK - 5,), (33, 7)]
@@ -775,6 +837,36 @@ def test_DJ1_bitwise_across_isa_and_streaming_stores(isa, streaming):
         assert_bitwise(a, b, f"output {i} ({isa}, streaming={streaming})")
 
 
+def test_cpu_isa_selection_api():
+    """set_cpu_isa forces a set (no silent capping), refuses unknown names and
+    sets the CPU lacks with ValueError naming them, None restores the default,
+    and using_cpu_isa restores the previous choice even on an error."""
+    default = native.cpu_isa()
+    assert native.supported_cpu_isas()[0] == "baseline"
+    assert default in native.supported_cpu_isas()
+    with pytest.raises(ValueError, match="'sse9'"):
+        native.set_cpu_isa("sse9")
+    assert native.cpu_isa() == default
+    missing = [i for i in native.CPU_ISAS if i not in native.supported_cpu_isas()]
+    for isa in missing:
+        with pytest.raises(ValueError, match=isa):
+            native.set_cpu_isa(isa)
+        assert native.cpu_isa() == default
+    try:
+        for isa in native.supported_cpu_isas():
+            assert native.set_cpu_isa(isa) == isa == native.cpu_isa()
+            with native.using_cpu_isa("baseline"):
+                assert native.cpu_isa() == "baseline"
+            assert native.cpu_isa() == isa       # the forced one again
+            with pytest.raises(RuntimeError, match="inside"):
+                with native.using_cpu_isa("baseline"):
+                    raise RuntimeError("inside")
+            assert native.cpu_isa() == isa
+    finally:
+        native.set_cpu_isa(None)
+    assert native.cpu_isa() == default
+
+
 def test_record_cache_sees_new_dtypes_and_layouts():
     """The cached record tables are keyed by pointers, numels, dtypes and
     contiguity: the same tensors' storage seen with another layout or dtype
@@ -804,7 +896,7 @@ def test_record_cache_sees_new_dtypes_and_layouts():
         assert_spec_close(v, ref[2], f"exp_avg_sq ({p.dtype}, strides {p.stride()})")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_call_site_cache_steps_match_uncached(device, precondition):
     """``cache=`` (base.py): three steps with a cache dict per call site and the
@@ -867,7 +959,7 @@ def test_call_site_cache_steps_match_uncached(device, precondition):
     assert recs[2] is not recs[1]                              # new pointers: rebuilt
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_call_site_cache_with_lists_checks_every_call(device):
     """Lists are mutable: with a cache, an element replaced in the same list
     object (backups, grads) between calls is used, never a stale pointer."""
@@ -964,7 +1056,7 @@ def test_custom_ops_registered():
         assert hasattr(torch.ops.fsam_kernels, name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES_ONE_ISA, indirect=True)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_treats_ops_as_opaque(device, compile_backend):
     be = native_backend(device)

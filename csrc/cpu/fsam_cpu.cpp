@@ -38,6 +38,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <cctype>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -316,12 +317,22 @@ int detect_isa() {
   return 0;
 }
 
-int env_isa(int best) {
+// $FSAM_CPU_ISA as a level (case-insensitive name or digit); -1 when unset
+// or not one of those (the Python side warns about an unknown value).
+int env_isa_level() {
   const char* env = std::getenv("FSAM_CPU_ISA");
-  if (env == nullptr || *env == 0) return best;
-  const std::string e(env);
-  const int want = e == "baseline" || e == "0" ? 0 : e == "avx2" || e == "1" ? 1 : 2;
-  return std::min(want, best);
+  if (env == nullptr || *env == 0) return -1;
+  std::string e(env);
+  for (char& ch : e) ch = (char)std::tolower((unsigned char)ch);
+  if (e == "baseline" || e == "0") return 0;
+  if (e == "avx2" || e == "1") return 1;
+  if (e == "avx512" || e == "2") return 2;
+  return -1;
+}
+
+int env_isa(int best) {
+  const int want = env_isa_level();
+  return want < 0 ? best : std::min(want, best);
 }
 
 std::atomic<int> g_isa{-1};
@@ -412,10 +423,20 @@ int fsam_cpu_get_num_threads(void) {
   return g_num_threads;
 }
 
+int fsam_cpu_best_isa(void) { return detect_isa(); }
 int fsam_cpu_get_isa(void) { return cpu_isa(); }
 int fsam_cpu_set_isa(int level) {
+  static const char* const kNames[] = {"baseline", "avx2", "avx512"};
   const int best = detect_isa();
-  const int isa = level < 0 ? env_isa(best) : std::min(level, best);
+  if (level > 2) {
+    fail("set_isa: level " + std::to_string(level) + " is not 0 (baseline), 1 (avx2) or 2 (avx512)");
+    return -1;
+  }
+  if (level > best) {
+    fail(std::string("set_isa: this CPU lacks ") + kNames[level] + " (best: " + kNames[best] + ")");
+    return -1;
+  }
+  const int isa = level < 0 ? env_isa(best) : level;
   g_isa.store(isa, std::memory_order_relaxed);
   return isa;
 }

@@ -40,15 +40,19 @@ Environment: ``FSAM_LIB_DIR`` overrides the directory the libraries are
 loaded from; ``FSAM_NUM_THREADS`` sets the CPU thread count (default:
 ``torch.get_num_threads()``), see also :func:`set_num_threads`;
 ``FSAM_CPU_ISA`` (baseline|avx2|avx512) caps the CPU kernels' instruction set
-(:func:`set_cpu_isa`); ``FSAM_NT_MIN_BYTES`` the call size from which they use
-streaming stores (:func:`set_streaming_min_bytes`). Neither changes results.
+(read on first use; :func:`set_cpu_isa` / :func:`using_cpu_isa` force one of
+:func:`supported_cpu_isas` explicitly, as the tests do for each);
+``FSAM_NT_MIN_BYTES`` the call size from which they use streaming stores
+(:func:`set_streaming_min_bytes`). Neither changes results.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import operator
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
@@ -59,8 +63,8 @@ from torch import Tensor
 from .base import Backend
 from .layout import is_dense, same_layout
 
-__all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "cpu_isa",
-           "set_cpu_isa", "set_streaming_min_bytes", "get_streaming_min_bytes",
+__all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "CPU_ISAS",
+           "cpu_isa", "supported_cpu_isas", "set_cpu_isa", "using_cpu_isa", "set_streaming_min_bytes", "get_streaming_min_bytes",
            "cpu_library", "cuda_library", "library_dir"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -93,6 +97,7 @@ def _declare_cpu(lib):
     lib.fsam_cpu_set_num_threads.argtypes = [_INT]
     lib.fsam_cpu_set_num_threads.restype = None
     lib.fsam_cpu_get_num_threads.restype = _INT
+    lib.fsam_cpu_best_isa.restype = _INT
     lib.fsam_cpu_get_isa.restype = _INT
     lib.fsam_cpu_set_isa.argtypes = [_INT]
     lib.fsam_cpu_set_isa.restype = _INT
@@ -167,6 +172,11 @@ def cpu_library():
         if lib is not None:
             env = os.environ.get("FSAM_NUM_THREADS")
             lib.fsam_cpu_set_num_threads(int(env) if env else torch.get_num_threads())
+            isa = os.environ.get("FSAM_CPU_ISA", "")
+            if isa and isa.lower() not in CPU_ISAS + ("0", "1", "2"):
+                warnings.warn(f"FSAM_CPU_ISA={isa!r} is not one of {CPU_ISAS} (or 0, 1, 2): "
+                              f"ignored, the CPU kernels use the best set the CPU supports",
+                              RuntimeWarning, stacklevel=2)
     return _cpu.lib
 
 
@@ -195,22 +205,65 @@ def get_num_threads() -> int:
     return int(lib.fsam_cpu_get_num_threads())
 
 
-_ISA_NAMES = ("baseline", "avx2", "avx512")
+#: instruction sets of the CPU kernels, lowest first: "baseline" (x86-64-v2:
+#: SSE4.2, the build's flags), "avx2" (AVX2 + F16C + BMI2), "avx512" (AVX-512
+#: F/VL/BW/DQ). The same C++ is compiled once per set (csrc/cpu); results are
+#: bitwise the same on every one (SPEC §5).
+CPU_ISAS = ("baseline", "avx2", "avx512")
+_ISA_NAMES = CPU_ISAS
+_isa_forced: Optional[str] = None   # what set_cpu_isa last forced (None: the default)
+
+
+def supported_cpu_isas() -> tuple:
+    """The instruction sets of :data:`CPU_ISAS` this CPU (and OS) supports,
+    lowest first (``("baseline",)`` on non-x86 machines)."""
+    lib = _cpu_lib_or_raise()
+    return CPU_ISAS[:int(lib.fsam_cpu_best_isa()) + 1]
 
 
 def cpu_isa() -> str:
-    """Instruction set the CPU kernels run with: "baseline", "avx2" or "avx512"."""
+    """Instruction set the CPU kernels run with now: "baseline", "avx2" or "avx512"
+    (the one forced by :func:`set_cpu_isa`, else the best the CPU supports,
+    capped by ``$FSAM_CPU_ISA``)."""
     lib = _cpu_lib_or_raise()
-    return _ISA_NAMES[int(lib.fsam_cpu_get_isa())]
+    return CPU_ISAS[int(lib.fsam_cpu_get_isa())]
 
 
 def set_cpu_isa(isa: Optional[str]) -> str:
-    """Cap the CPU kernels' instruction set ("baseline", "avx2", "avx512"; None:
-    the default, the best the CPU has unless ``$FSAM_CPU_ISA`` caps it).
-    Results are bitwise the same at every level. Returns the level in effect."""
+    """Force the CPU kernels' instruction set for every later call in this
+    process (all threads): one of :data:`CPU_ISAS`, or None for the default
+    (the best the CPU supports, capped by ``$FSAM_CPU_ISA``). Results are
+    bitwise the same on every set; this exists to test each path and to
+    measure them. Returns the set now in effect.
+
+    Raises ValueError for a name not in :data:`CPU_ISAS` and for a set this
+    CPU lacks (see :func:`supported_cpu_isas`); nothing changes then."""
+    global _isa_forced
     lib = _cpu_lib_or_raise()
-    level = -1 if isa is None else _ISA_NAMES.index(isa)
-    return _ISA_NAMES[int(lib.fsam_cpu_set_isa(level))]
+    if isa is not None and isa not in CPU_ISAS:
+        raise ValueError(f"set_cpu_isa: isa={isa!r}; expected one of {CPU_ISAS} or None")
+    level = -1 if isa is None else CPU_ISAS.index(isa)
+    got = int(lib.fsam_cpu_set_isa(level))
+    if got < 0:
+        msg = lib.fsam_cpu_last_error().decode(errors="replace")
+        raise ValueError(f"set_cpu_isa: isa={isa!r} is not available: {msg} (this CPU "
+                         f"supports {supported_cpu_isas()})")
+    _isa_forced = isa
+    return CPU_ISAS[got]
+
+
+@contextlib.contextmanager
+def using_cpu_isa(isa: Optional[str]):
+    """``with using_cpu_isa("avx2"): ...`` runs the block's CPU kernel calls on
+    that instruction set (None: the default) and restores the previous choice
+    on exit, even on an error. Process-wide like :func:`set_cpu_isa`: do not
+    use it from several threads at once. Raises ValueError as set_cpu_isa."""
+    previous = _isa_forced
+    set_cpu_isa(isa)
+    try:
+        yield cpu_isa()
+    finally:
+        set_cpu_isa(previous)
 
 
 def get_streaming_min_bytes() -> int:

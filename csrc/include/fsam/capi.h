@@ -65,11 +65,17 @@ FSAM_API const char* fsam_cpu_last_error(void);
 FSAM_API int64_t fsam_cpu_chunk_size(void);
 FSAM_API void fsam_cpu_set_num_threads(int n);   /* n <= 0: the machine's CPU count */
 FSAM_API int fsam_cpu_get_num_threads(void);
-/* instruction set of the kernels: 0 baseline (the build's flags), 1 AVX2,
- * 2 AVX-512. Default: the best the CPU supports, capped by $FSAM_CPU_ISA
- * (baseline|avx2|avx512). set: level < 0 restores the default; a level the CPU
- * lacks is capped; returns the level in effect. Results are bitwise the same
- * at every level. */
+/* Instruction set of the kernels: 0 baseline (the build's flags, x86-64-v2),
+ * 1 AVX2 (+F16C, BMI2), 2 AVX-512 (F, VL, BW, DQ). Results are bitwise the
+ * same at every level (SPEC §5).
+ * best: the highest level this CPU (and OS) supports.
+ * get: the level in effect: the one set, else the default, which is the best
+ *   capped by $FSAM_CPU_ISA (baseline|avx2|avx512 or 0|1|2, read on first use).
+ * set: force `level` for every later call in the process (all threads);
+ *   level < 0 restores the default. A level the CPU lacks (or > 2) is an
+ *   error: returns -1, nothing changes, fsam_cpu_last_error() says why.
+ *   Otherwise returns the level now in effect. */
+FSAM_API int fsam_cpu_best_isa(void);
 FSAM_API int fsam_cpu_get_isa(void);
 FSAM_API int fsam_cpu_set_isa(int level);
 /* streaming (non-temporal) stores for write-only outputs in calls moving at
