@@ -97,17 +97,6 @@ def second_backward_hint(exc: RuntimeError, which: str) -> Optional[RuntimeError
     return None
 
 
-def cache_hint(exc: TypeError) -> Optional[TypeError]:
-    """The error naming the fix for a transformers cache object in the output."""
-    msg = str(exc)
-    if "Cache" in msg and "found" in msg:
-        return TypeError(
-            f"{msg}. A transformers model output carries its key/value cache "
-            "(past_key_values) when use_cache is on: call the model with use_cache=False "
-            "(or set model.config.use_cache = False), or return out.logits as the output")
-    return None
-
-
 # -- output marks (FunctionalSAM with a back-propagating closure) ---------------
 class _Record:
     __slots__ = ("version", "shape", "cotangent")

@@ -973,13 +973,7 @@ class _SAMBase(torch.optim.Optimizer):
                              "parameter (it does not require grad)")
         # the model output must depend on the parameters (Functional-SAM
         # back-propagates it; SAM checks it too so the convention is one)
-        try:
-            differentiable_items(output, argname="closure output")
-        except TypeError as exc:
-            hinted = _closure.cache_hint(exc)
-            if hinted is not None:
-                raise hinted from None
-            raise
+        differentiable_items(output, argname="closure output")
         return output, loss
 
     def mark_output(self, output: Tensor) -> Tensor:
