@@ -280,6 +280,47 @@ def test_float64_params(tri, device, precondition):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float64_tolerance_admits_the_float32_scale_rounding(tri, device):
+    """Issue 10: two conforming N² that differ by one float64 rounding may round to
+    adjacent float32 values (SPEC §1), so a float64 parameter's perturbation may
+    differ by the float32 rounding of its scale: the parity check must accept
+    that (rtol 1e-10 on the parameter did not), and still refuse 4x more."""
+    gen = _gen(31)
+    p0 = randn((300,), device, torch.float64, gen)
+    g = randn((300,), device, torch.float64, gen)
+    # a float32 rounding midpoint of N² (exact in float64) near Σ g², one float64 ulp
+    # either side, taken where the two float32 N² also give two float32 scales
+    def scale32(n2):
+        f = torch.float32
+        return torch.tensor(RHO, dtype=f) / (n2.to(f).sqrt() + torch.tensor(NORM_EPS, dtype=f))
+
+    x = torch.tensor(float(g.double().square().sum()), dtype=torch.float32)
+    for _ in range(64):
+        x_up = torch.nextafter(x, torch.tensor(math.inf))
+        mid = (x.double() + x_up.double()) / 2
+        lo = torch.nextafter(mid, torch.tensor(-math.inf, dtype=torch.float64))
+        hi = torch.nextafter(mid, torch.tensor(math.inf, dtype=torch.float64))
+        if scale32(lo) != scale32(hi):
+            break
+        x = x_up
+    assert lo.float() != hi.float() and scale32(lo) != scale32(hi)
+    results = []
+    for be, n2 in ((tri, lo), (REF, hi)):
+        p = p0.clone()
+        be.perturb([p], [g], [torch.empty_like(p)], None, None, rho=RHO,
+                   norm_sq=n2.to(device), norm_eps=NORM_EPS, beta2=0.999, eps=1e-8,
+                   precondition=False, grad_scale=None,
+                   found_inf=torch.zeros((), device=device))
+        results.append(p)
+    got, ref = results
+    assert not torch.equal(got, ref)  # the two scales really differ
+    assert_param_close(got, ref, what="float64 perturbation", initial=p0)
+    e = ref - p0
+    with pytest.raises(AssertionError):
+        assert_param_close(p0 + e * (1 + 2.0 ** -19), ref, initial=p0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
 def test_views_at_odd_offsets(tri, device, precondition):
     def build(dev):
