@@ -21,7 +21,11 @@ Conventions shared by all operations
   divided by s exactly once (SPEC §4).
 - ``found_inf``: a 0-d float32 tensor; non-zero means "skip this step".
 - ``norm_sq`` / ``out``: 0-d tensor of dtype ``backend.norm_dtype``
-  (float32; float64 in the reference) holding N² of SPEC §1.
+  (float64 on every built-in backend) holding N² of SPEC §1. Partial sums
+  and their total across tiles, calls and groups are float64 (float32
+  accumulation is allowed only inside one tile), so N² does not depend on how
+  the parameters are grouped; it is rounded to float32 once, where
+  ``perturb`` forms the scale.
 - Hyperparameters are Python floats / bools (never baked into a kernel).
 - ``cache``: ``None`` or a dict owned by the caller, one per parameter group
   and device, passed to every operation of that group (the operations keep
@@ -50,8 +54,8 @@ class Backend:
 
     #: registry name, e.g. "reference"
     name: str = "base"
-    #: dtype of the N² accumulator this backend reads and writes
-    norm_dtype: torch.dtype = torch.float32
+    #: dtype of the N² accumulator this backend reads and writes (SPEC §1: float64)
+    norm_dtype: torch.dtype = torch.float64
     #: True for backends that never synchronise with the device in the step path
     fused: bool = False
 
@@ -77,9 +81,14 @@ class Backend:
         """``out += Σ_i Σ d_i²`` with d of SPEC §1.
 
         d = (g/s) / (sqrt(v / (1 - beta2**t)) + eps) where ``precondition`` and
-        t >= 1 for that tensor, else d = g/s. ``exp_avg_sqs`` and ``steps``
-        may be None when ``precondition`` is False. Accumulation is in float32
-        or wider, in a fixed order (deterministic).
+        t >= 1 for that tensor, else d = g/s; the bias correction 1 - beta2**t
+        is computed in float64 from the float32 step and rounded once to the
+        working dtype. ``exp_avg_sqs`` and ``steps`` may be None when
+        ``precondition`` is False. ``out`` (0-d, ``norm_dtype``) is added to in
+        float64; within one tile the squares may be summed in float32. The
+        reduction order is fixed (deterministic: the same inputs give the same
+        bits whichever CPU runs them). Raises ``TypeError`` when ``out`` is not
+        a 0-d ``norm_dtype`` tensor (fused backends).
         """
         raise NotImplementedError
 
@@ -104,11 +113,14 @@ class Backend:
     ) -> None:
         """``b <- p``; then ``p <- p + (rho / (sqrt(N²) + norm_eps)) * d``.
 
-        The scale is computed on the device from ``norm_sq`` (float32) and the
-        product is formed in float32 and rounded once to the parameter dtype.
-        If ``norm_sq`` is not finite, ``found_inf`` is set to 1. If
-        ``found_inf`` is non-zero (already, or just set), parameters are left
-        unchanged (backups are still written).
+        ``norm_sq`` is a 0-d ``norm_dtype`` (float64) tensor. The scale is
+        computed on the device in float32 from ``norm_sq`` rounded once to
+        float32 (so a finite N² of 2^128 or more gives a scale of 0); the
+        product is formed in float32 (float64 for float64 parameters) and
+        rounded once to the parameter dtype, to nearest even for bfloat16 and
+        float16. If ``norm_sq`` is not finite (tested in float64),
+        ``found_inf`` is set to 1. If ``found_inf`` is non-zero (already, or
+        just set), parameters are left unchanged (backups are still written).
         """
         raise NotImplementedError
 
@@ -134,7 +146,10 @@ class Backend:
     ) -> None:
         """``p <- b`` (bitwise; skipped when ``backups`` is None), then unless
         ``found_inf`` is non-zero the AdamW update of SPEC §3 with
-        ĝ = grads/s (negated if ``maximize``), incrementing ``steps``.
+        ĝ = grads/s (negated if ``maximize``), incrementing ``steps``. The
+        bias corrections 1 - beta1**t, 1 - beta2**t are computed in float64
+        and rounded once to the working dtype; a 16-bit parameter is updated
+        in float32 and rounded to nearest even once.
         When ``found_inf`` is non-zero, exp_avg, exp_avg_sq and steps are
         left bitwise unchanged.
         """

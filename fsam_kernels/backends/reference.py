@@ -7,6 +7,12 @@ The AdamW update follows ``torch.optim.adam._single_tensor_adam`` op by op
 (lerp for m, mul+addcmul for v, sqrt(v)/sqrt(bc2) + eps, addcdiv), so that
 with rho = 0 it equals ``torch.optim.AdamW(foreach=False)`` bitwise for
 float32 parameters.
+
+Numerics (SPEC §1, §3): N² is float64 throughout (``norm_dtype``), tested for
+finiteness in float64 and rounded once to float32 to form the scale; the bias
+corrections 1 - β^t are Python (float64) values, rounded once where torch
+applies them to float32 tensors; 16-bit parameters are updated in float32 and
+rounded by torch's conversion (round to nearest even).
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ class ReferenceBackend(Backend):
         if not math.isfinite(n2):
             found_inf.fill_(1.0)
         skip = found_inf.item() != 0
-        # scale formed in float32 from the float32 norm (SPEC §1)
+        # scale formed in float32 from N² rounded once to float32 (SPEC §1)
         n2_32 = torch.tensor(n2, dtype=torch.float32)
         scale32 = (torch.tensor(rho, dtype=torch.float32)
                    / (n2_32.sqrt() + torch.tensor(norm_eps, dtype=torch.float32)))
