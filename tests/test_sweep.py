@@ -283,3 +283,9 @@ def test_other_settings_in_same_out_are_refused(tmp_path, texts, capsys):
     assert "--lr was 0.003, now 0.01" in capsys.readouterr().err
     # --report-only reads the saved settings, needs no data
     assert S.main(["--out", str(out), "--report-only", "--no-plots"]) == 0
+
+
+def test_unigram_loss_by_hand():
+    train = np.array([0, 0, 1, 2])  # counts + 1 over 4 ids: 3, 2, 2, 1 (of 8)
+    got = S.unigram_loss(train, np.array([0, 3]), 4)
+    assert got == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)

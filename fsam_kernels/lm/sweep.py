@@ -177,6 +177,16 @@ def paired_diff(a: dict, b: dict, conf: float = 0.95) -> Interval:
     return mean_ci([a[s] - b[s] for s in common], conf)
 
 
+def unigram_loss(train: np.ndarray, tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of ``tokens`` under the unigram distribution
+    of ``train`` with add-one smoothing over ``vocab_size`` ids: the loss of a
+    model that ignores context, the level a language model must get well
+    below."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(tokens, dtype=np.int64)].mean())
+
+
 # --------------------------------------------------------------------------- grid
 @dataclass(frozen=True)
 class RunSpec:
@@ -456,6 +466,8 @@ def format_report(rep: dict) -> str:
          f"Runs finished: {rep['runs_done']} of {rep['runs_planned']} planned. "
          f"Training wall time of the finished runs: {rep['train_wall_s_total'] / 3600:.2f} h "
          f"({rep['run_wall_s_total'] / 3600:.2f} h with the final evaluations and diagnostics).", "",
+         *([f"Unigram baseline (training-split token frequencies): {cfg['unigram_val_loss']:.4f} validation, "
+            f"{cfg['unigram_test_loss']:.4f} test nats/token.", ""] if cfg.get("unigram_test_loss") else []),
          "Test loss (nats/token, held-out test split, final checkpoint): mean ± 95% CI over seeds "
          "(Student t). Δ vs AdamW: paired by seed (same initialisation and batches), mean ± 95% CI; "
          "negative = better than AdamW. Wall: training seconds per run (evaluation excluded), "
@@ -539,7 +551,8 @@ def plot_report(rep: dict, out: str) -> list[str]:
     plt.close(fig)
 
     for fname, xkey, xlabel in (("curves.png", "step", "step"), ("passes.png", "passes", "forward/backward passes")):
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+        zoom_lo, zoom_ys = None, []
         for row in rep["table"]:
             rs = [results[k] for s in row["seeds_done"]
                   if (k := RunSpec(row["name"], row["rho"] or 0.0, s, row["steps"], "").run_id) in results]
@@ -547,15 +560,28 @@ def plot_report(rep: dict, out: str) -> list[str]:
                 continue
             steps = sorted(set.intersection(*[{c["step"] for c in r["curve"]} for r in rs]))
             mult = rs[0]["passes_per_step"] if xkey == "passes" else 1
+            xs = [st * mult for st in steps]
             ys = [np.mean([c["val_loss"] for r in rs for c in r["curve"] if c["step"] == st]) for st in steps]
             lbl = row["name"] + ("" if row["rho"] is None else f" ρ={row['rho']:g}") + f" (n={len(rs)})"
-            ax.plot([st * mult for st in steps], ys, "-", color=colors[row["name"]], label=lbl)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 6.0) if ax.lines else None)
-        ax.set_title("validation loss at the chosen ρ, mean over seeds", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            for ax in axes:
+                ax.plot(xs, ys, "-", color=colors[row["name"]], label=lbl)
+            zoom_lo = xs[-1] / 2 if zoom_lo is None else min(zoom_lo, xs[-1] / 2)
+            zoom_ys += [y for x, y in zip(xs, ys) if x >= xs[-1] / 2]
+        unigram = cfg.get("unigram_val_loss")
+        for ax in axes:
+            if unigram:
+                ax.axhline(unigram, color="gray", lw=1, ls=":", label=f"unigram ({unigram:.3f})")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation loss (nats/token)")
+            ax.grid(alpha=0.3)
+        if zoom_ys:
+            axes[0].set_ylim(min(zoom_ys) - 0.05, max(max(zoom_ys) + 0.2, (unigram or 0) + 0.2))
+            pad = 0.1 * (max(zoom_ys) - min(zoom_ys)) + 1e-3
+            axes[1].set_xlim(left=zoom_lo)
+            axes[1].set_ylim(min(zoom_ys) - pad, max(zoom_ys) + pad)
+        axes[0].set_title("validation loss at the chosen ρ, mean over seeds", fontsize=9)
+        axes[1].set_title("zoom: second half of the shortest run", fontsize=9)
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         paths.append(os.path.join(out, fname))
         fig.savefig(paths[-1], dpi=120)
@@ -565,7 +591,10 @@ def plot_report(rep: dict, out: str) -> list[str]:
 
 def write_report(out: str, cfg: dict, results: dict, plots: bool = True) -> dict:
     rep = build_report(cfg, results)
-    _atomic_json(os.path.join(out, "report.json"), rep)
+    # the per-run results (curves, diagnostics) stay in runs/<run id>/result.json
+    _atomic_json(os.path.join(out, "report.json"),
+                 {**{k: v for k, v in rep.items() if k != "results"},
+                  "results": {rid: f"runs/{rid}/result.json" for rid in sorted(results)}})
     md = format_report(rep)
     tmp = os.path.join(out, "report.md.tmp")
     with open(tmp, "w") as f:
@@ -765,6 +794,8 @@ def main(argv=None) -> int:
         parser.error(str(e))
     n_params = GPT(config_for(targs.preset, data.vocab_size)).num_params()
     cfg = _config(args, targs, data.meta, n_params)
+    cfg["unigram_val_loss"] = unigram_loss(data.train, data.val, data.vocab_size)
+    cfg["unigram_test_loss"] = unigram_loss(data.train, data.test, data.vocab_size)
     os.makedirs(args.out, exist_ok=True)
     try:
         check_config(args.out, cfg)
