@@ -21,21 +21,114 @@ Example (manual two-phase loop with accumulation)::
 """
 from __future__ import annotations
 
+import sys
 from collections import deque
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["CotangentRecorder", "flatten_output"]
+__all__ = ["CotangentRecorder", "flatten_output", "select_output", "is_model_output"]
+
+#: what ``output=`` may be: None (the default rule), a key or attribute name,
+#: a tuple/list index, or a callable returning the model output
+Selector = Union[None, str, int, Callable[[Any], Any]]
+
+_RULE = ("Functional-SAM takes the cotangent on the model output only (the logits): "
+         "return (logits, loss) from the closure, or select the output with "
+         "FunctionalSAM(..., output='logits') / CotangentRecorder(output='logits') "
+         "(a key, an index or a callable)")
+
+
+def is_model_output(obj: Any) -> bool:
+    """True for a Hugging Face ``transformers.utils.ModelOutput`` (detected
+    without importing transformers when it is not loaded already)."""
+    if isinstance(obj, Tensor) or not isinstance(obj, dict):
+        return False
+    tf = sys.modules.get("transformers")
+    mo = getattr(getattr(tf, "utils", None), "ModelOutput", None) if tf is not None else None
+    if mo is not None and isinstance(obj, mo):
+        return True
+    return any(c.__name__ == "ModelOutput" and c.__module__.startswith("transformers")
+               for c in type(obj).__mro__)
+
+
+def _logits_of(obj: Any) -> Optional[Tensor]:
+    """``obj.logits`` when ``obj`` is a ModelOutput or another non-container
+    object carrying a ``logits`` tensor, else None."""
+    if isinstance(obj, (Tensor, tuple, list)):
+        return None
+    if is_model_output(obj):
+        lg = obj.get("logits")
+        return lg if isinstance(lg, Tensor) else None
+    if isinstance(obj, dict):
+        return None
+    lg = getattr(obj, "logits", None)
+    return lg if isinstance(lg, Tensor) else None
+
+
+def check_selector(output: Selector, *, argname: str = "output") -> None:
+    """``TypeError`` naming ``argname`` unless ``output`` is None, a str, an
+    int or a callable."""
+    if output is None or isinstance(output, str) or callable(output):
+        return
+    if isinstance(output, int) and not isinstance(output, bool):
+        return
+    raise TypeError(f"{argname}: expected None, a key or attribute name (str), an index "
+                    f"(int) or a callable returning the model output; got "
+                    f"{type(output).__name__} {output!r}")
+
+
+def select_output(output: Any, selector: Selector = None, *, argname: str = "output",
+                  selector_name: str = "output=") -> Any:
+    """The part of ``output`` that Functional-SAM treats as the model output z.
+
+    The rule (the same in ``FunctionalSAM.step(closure)`` and in
+    :class:`CotangentRecorder`):
+
+    1. ``selector`` given: a str is a key (dicts, ModelOutputs) or else an
+       attribute name, an int indexes a tuple/list, a callable is called
+       with the output and returns the model output;
+    2. otherwise a Hugging Face ``ModelOutput`` (or any non-container object
+       with a ``logits`` tensor attribute) stands for its ``.logits``;
+    3. otherwise the output itself (a tensor, or a tuple/list/dict of them).
+
+    Raises ``KeyError``/``IndexError``/``TypeError`` naming ``selector_name``
+    when the selector does not fit the output.
+    """
+    if selector is None:
+        lg = _logits_of(output)
+        return output if lg is None else lg
+    if isinstance(selector, str):
+        if isinstance(output, dict):
+            if selector not in output:
+                raise KeyError(f"{selector_name} {selector!r}: {argname} has no such key "
+                               f"(keys: {list(output)})")
+            return output[selector]
+        if not hasattr(output, selector):
+            raise KeyError(f"{selector_name} {selector!r}: {argname} "
+                           f"({type(output).__name__}) has no such attribute")
+        return getattr(output, selector)
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        if not isinstance(output, (tuple, list)):
+            raise TypeError(f"{selector_name} {selector!r}: an index selects from a tuple/list "
+                            f"output, but {argname} is a {type(output).__name__}")
+        if not -len(output) <= selector < len(output):
+            raise IndexError(f"{selector_name} {selector!r}: {argname} has {len(output)} items")
+        return output[selector]
+    check_selector(selector, argname=selector_name.rstrip("="))
+    return selector(output)
 
 
 def flatten_output(output: Any, *, argname: str = "output") -> List[Tuple[str, Tensor]]:
     """Flatten a model output into ``[(key, tensor), ...]``.
 
     ``output`` may be a tensor, a tuple/list of tensors or a dict of tensors
-    (nested one level or more). Non-tensor leaves are rejected with a
-    ``TypeError`` naming ``argname``.
+    (nested one level or more). A Hugging Face ``ModelOutput`` (or another
+    object with a ``logits`` tensor attribute) stands for its ``.logits``
+    (rule 2 of :func:`select_output`). Non-tensor leaves are rejected with a
+    ``TypeError`` naming ``argname`` (a transformers cache gets the hint
+    ``use_cache=False``).
     """
     items: List[Tuple[str, Tensor]] = []
 
@@ -45,13 +138,19 @@ def flatten_output(output: Any, *, argname: str = "output") -> List[Tuple[str, T
         elif isinstance(obj, (tuple, list)):
             for i, o in enumerate(obj):
                 walk(o, f"{key}[{i}]")
+        elif _logits_of(obj) is not None:
+            items.append((f"{key}.logits", _logits_of(obj)))
         elif isinstance(obj, dict):
             for k in obj:
                 walk(obj[k], f"{key}[{k!r}]")
         else:
+            hint = ""
+            if "Cache" in type(obj).__name__:
+                hint = ("; this is a transformers cache: call the model with use_cache=False, "
+                        "or return only the logits")
             raise TypeError(
                 f"{argname}: expected a tensor, or a tuple/list/dict of tensors; "
-                f"found {type(obj).__name__} at {key}")
+                f"found {type(obj).__name__} at {key}{hint}")
 
     walk(output, argname)
     if not items:
@@ -71,33 +170,118 @@ def differentiable_items(output: Any, *, argname: str = "output") -> List[Tuple[
     return diff
 
 
-class _Slot:
-    __slots__ = ("keys", "shapes", "cotangents", "handles")
+def check_not_loss(items: List[Tuple[str, Tensor]], loss: Optional[Tensor], *,
+                   argname: str = "closure output") -> None:
+    """``ValueError`` naming ``argname`` when one of the outputs is the loss
+    tensor itself (the same tensor, or the same autograd node and output)."""
+    if loss is None:
+        return
+    for k, t in items:
+        if t is loss or (t.grad_fn is not None and t.grad_fn is loss.grad_fn
+                         and t.output_nr == loss.output_nr):
+            raise ValueError(f"{k} is the loss itself; back-propagating it with its "
+                             "own cotangent (1) would make Functional-SAM plain SAM. " + _RULE)
 
-    def __init__(self, items):
+
+def _dependencies(items: List[Tuple[str, Tensor]]) -> List[Tuple[int, int]]:
+    """Pairs (i, j): output i is computed from output j (j reachable from i's
+    autograd graph), or i and j are the same tensor."""
+    if len(items) < 2:
+        return []
+    edges: Dict[Tuple[int, int], int] = {}
+    leaves: Dict[int, int] = {}
+    pairs = set()
+    for j, (_, t) in enumerate(items):
+        key = (id(t.grad_fn), t.output_nr) if t.grad_fn is not None else None
+        table, k = (edges, key) if key is not None else (leaves, id(t))
+        if k in table:
+            pairs.add((j, table[k]))
+        else:
+            table[k] = j
+    for i, (_, t) in enumerate(items):
+        if t.grad_fn is None:
+            continue
+        stack = list(t.grad_fn.next_functions)
+        seen = set()
+        while stack:
+            node, nr = stack.pop()
+            if node is None:
+                continue
+            j = edges.get((id(node), nr))
+            if j is not None and j != i:
+                pairs.add((i, j))
+            var = getattr(node, "variable", None)
+            if var is not None and id(var) in leaves and leaves[id(var)] != i:
+                pairs.add((i, leaves[id(var)]))
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.next_functions)
+    return sorted(pairs)
+
+
+def check_recorded(keys: List[str], shapes: List[tuple], cotangents: List[Optional[Tensor]],
+                   deps: List[Tuple[int, int]], *, argname: str = "output") -> None:
+    """After the pass-1 backward: ``ValueError`` naming ``argname`` when a 0-d
+    output (a loss) received a cotangent, or when two outputs that depend on
+    one another (or are the same tensor) both did: replaying both would count
+    the shared path twice."""
+    for k, s, c in zip(keys, shapes, cotangents):
+        if c is not None and len(s) == 0:
+            raise ValueError(f"{k} is a 0-d tensor that the loss depends on (a loss "
+                             "among the outputs?); its cotangent would add the loss's own "
+                             "gradient (SAM's) to Functional-SAM's. " + _RULE
+                             + " (a genuine scalar model output: return it with shape (1,))")
+    for i, j in deps:
+        if cotangents[i] is not None and cotangents[j] is not None:
+            raise ValueError(
+                f"{keys[i]} is computed from {keys[j]} (or is the same tensor) and "
+                "the loss depends on both; replaying both cotangents would count the "
+                f"gradient through {keys[i]} twice. " + _RULE)
+
+
+class _Slot:
+    __slots__ = ("keys", "shapes", "cotangents", "handles", "deps", "argname")
+
+    def __init__(self, items, argname="output"):
+        self.argname = argname
         self.keys = [k for k, _ in items]
         self.shapes = [tuple(t.shape) for _, t in items]
         self.cotangents: List[Optional[Tensor]] = [None] * len(items)
         self.handles = []
+        self.deps = _dependencies(items)
 
 
 class CotangentRecorder:
     """Records ∂ℓ/∂z of each pass-1 micro-batch and replays it in pass 2.
 
-    ``capture(z)`` registers gradient hooks on every tensor of ``z`` that
-    requires grad and returns ``z`` unchanged; the user's ``loss.backward()``
-    then fills the recorded cotangents (same shape and dtype as the
-    outputs). ``replay(z1)`` pops the oldest record and runs
+    ``capture(out)`` selects the model output z of ``out`` (see ``output``
+    below), registers gradient hooks on every tensor of z that requires
+    grad and returns ``out`` unchanged; the user's ``loss.backward()`` then
+    fills the recorded cotangents (same shape and dtype as the outputs).
+    ``replay(out1)`` pops the oldest record and runs
     ``torch.autograd.backward(z1, c0)``, accumulating J(θ+e)ᵀ c0 into
-    ``.grad``. Outputs that received no gradient in pass 1 (the loss does not
-    use them) are skipped in pass 2.
+    ``.grad``. Outputs that received no gradient in pass 1 (the loss does
+    not use them) are skipped in pass 2.
 
-    Raises ``RuntimeError`` when replaying with nothing recorded, when the
-    pass-1 backward has not run, or when the pass-2 output's structure or
-    shapes differ from the recorded ones.
+    Args:
+        output: which part of the model's return value is z:
+            None (default): a Hugging Face ``ModelOutput`` (or an object with
+            a ``logits`` tensor) stands for its ``.logits``; anything else
+            (a tensor, tuple, list or dict of tensors) is z as it is;
+            a str: a key (dict, ModelOutput) or attribute name; an int: an
+            index into a tuple/list; a callable: ``output(out) -> z``.
+
+    Raises ``ValueError`` (at replay, or at ``check()``) when the loss
+    depends on a 0-d output (the loss itself among the outputs) or on two
+    outputs computed one from the other (both would be replayed: the shared
+    path counted twice); ``RuntimeError`` when replaying with nothing
+    recorded, when the pass-1 backward has not run, or when the pass-2
+    output's structure or shapes differ from the recorded ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, output: Selector = None) -> None:
+        check_selector(output, argname="output")
+        self.output = output
         self._slots: deque = deque()
 
     def __len__(self) -> int:
@@ -110,10 +294,18 @@ class CotangentRecorder:
                 h.remove()
         self._slots.clear()
 
-    def capture(self, output: Any) -> Any:
-        """Register hooks recording ∂ℓ/∂output; returns ``output`` unchanged."""
-        items = differentiable_items(output, argname="output")
-        slot = _Slot(items)
+    def _items(self, output: Any, argname: str) -> List[Tuple[str, Tensor]]:
+        z = select_output(output, self.output, argname=argname)
+        return differentiable_items(z, argname=argname)
+
+    # run eagerly under torch.compile: dynamo's hooks on intermediate tensors
+    # of a compiled region get None instead of the gradient (torch 2.13)
+    @torch.compiler.disable
+    def capture(self, output: Any, *, argname: str = "output") -> Any:
+        """Register hooks recording ∂ℓ/∂z of the selected model output z;
+        returns ``output`` unchanged. ``argname`` names the output in errors."""
+        items = self._items(output, argname)
+        slot = _Slot(items, argname)
         for i, (_, t) in enumerate(items):
             def hook(grad, i=i, slot=slot):
                 slot.cotangents[i] = grad.detach()
@@ -126,8 +318,14 @@ class CotangentRecorder:
         and the loss depends on at least one of the captured outputs)."""
         return bool(self._slots) and any(c is not None for c in self._slots[-1].cotangents)
 
+    def check(self, argname: str = "output") -> None:
+        """Check the newest record after its backward (see the class's Raises)."""
+        if self._slots:
+            s = self._slots[-1]
+            check_recorded(s.keys, s.shapes, s.cotangents, s.deps, argname=argname)
+
     def pop(self) -> Tuple[List[str], List[Optional[Tensor]]]:
-        """Remove and return the oldest record: (keys, cotangents)."""
+        """Remove and return the oldest record: (slot, cotangents)."""
         if not self._slots:
             raise RuntimeError("CotangentRecorder.replay: no recorded cotangent left; "
                                "call capture() on each pass-1 output before backward()")
@@ -138,12 +336,14 @@ class CotangentRecorder:
             raise RuntimeError(
                 "CotangentRecorder.replay: the recorded output received no gradient; "
                 "run loss.backward() in pass 1 after capture()")
+        check_recorded(slot.keys, slot.shapes, slot.cotangents, slot.deps, argname=slot.argname)
         return slot, slot.cotangents
 
     def replay(self, output: Any, *, retain_graph: bool = False) -> None:
-        """Backward of the pass-2 ``output`` with the oldest recorded cotangent."""
+        """Backward of the pass-2 model output (selected from ``output`` by the
+        same rule as in ``capture``) with the oldest recorded cotangent."""
         slot, cots = self.pop()
-        items = differentiable_items(output, argname="output")
+        items = self._items(output, slot.argname)
         keys = [k for k, _ in items]
         if keys != slot.keys:
             raise RuntimeError(

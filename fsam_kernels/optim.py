@@ -951,6 +951,18 @@ class _SAMBase(torch.optim.Optimizer):
                 self._backend(d).restore([_local(p) for p in ps], [self._backups[p] for p in ps])
         self._perturbed = None
 
+    def clean_param(self, p: Tensor) -> Tensor:
+        """The value of parameter ``p`` at θ: its bitwise backup while a
+        ``first_step()`` is pending and ``p`` was perturbed, else ``p`` itself
+        (read-only: do not write to it). Raises ``ValueError`` if ``p`` is not
+        a parameter of this optimizer."""
+        if not any(q is p for g in self.param_groups for q in g["params"]):
+            raise ValueError(f"clean_param: the tensor of shape {tuple(p.shape)} is not a "
+                             "parameter of this optimizer")
+        if self._perturbed is not None and any(q is p for pl in self._perturbed for q in pl):
+            return self._backups[p]
+        return p
+
     # -- closure API ----------------------------------------------------------
     def _devices(self):
         return {p.device for g in self.param_groups for p in g["params"]}
@@ -1346,12 +1358,36 @@ class FunctionalSAM(_SAMBase):
 
     _functional = True
 
-    def _pass1_backward(self, output, loss):
-        from .functional import CotangentRecorder
+    def __init__(self, params: Iterable, *args: Any, output: Any = None, **kwargs: Any) -> None:
+        from .functional import check_selector
 
-        rec = CotangentRecorder()
+        check_selector(output, argname="output")
+        super().__init__(params, *args, **kwargs)
+        #: which part of the closure's output is the model output z (see ``step``)
+        self.output = output
+
+    def _pass1_backward(self, output, loss):
+        from .functional import CotangentRecorder, check_not_loss, select_output
+        from .heads import is_head_output
+
+        sel = getattr(self, "output", None)
         try:
-            rec.capture(output)
+            z = select_output(output, sel, argname="closure output")
+        except (KeyError, IndexError, TypeError) as exc:
+            raise type(exc)(f"closure: {exc.args[0] if exc.args else exc}") from None
+        if is_head_output(z):
+            from .heads import HeadRecorder
+
+            rec = HeadRecorder(self)
+            rec.capture(z, _closure=True)
+            loss.backward()
+            rec.check_received("closure")
+            return rec
+        rec = CotangentRecorder(output=None)
+        try:
+            items = differentiable_items(z, argname="closure output")
+            check_not_loss(items, loss, argname="closure output")
+            rec.capture(z, argname="closure output")
         except ValueError as exc:
             raise ValueError(f"closure: {exc}") from None
         loss.backward()
@@ -1360,11 +1396,22 @@ class FunctionalSAM(_SAMBase):
                 "closure: the loss returned in pass 1 does not depend on the returned output "
                 "(no gradient reached it); Functional-SAM back-propagates the output with "
                 "c0 = d loss / d output, so return the output the loss is computed from")
+        try:
+            rec.check(argname="closure output")
+        except ValueError as exc:
+            rec.clear()
+            raise ValueError(f"closure: {exc}") from None
         return rec
 
     def _pass2_backward(self, output, loss, rec):
+        from .functional import select_output
+
+        z = select_output(output, getattr(self, "output", None), argname="closure output")
+        if hasattr(rec, "replay_closure_output"):      # the fused head's record
+            rec.replay_closure_output(z)
+            return
         try:
-            differentiable_items(output, argname="closure output")
+            differentiable_items(z, argname="closure output")
         except ValueError as exc:
             raise ValueError(f"closure: {exc}") from None
-        rec.replay(output)
+        rec.replay(z)

@@ -2,13 +2,17 @@
 
 Pre-LayerNorm blocks without biases, causal multi-head self-attention, a GELU
 MLP, learned absolute position embeddings and an output layer tied to the
-input embedding (``logits = h @ embed.weight.T``). This is the model family of
+input embedding (``logits = h @ embed.weight.T``; ``tie_embeddings=False``
+gives a separate head). This is the model family of
 the paper's language experiments (Singh et al., ICML 2025, which used NanoDO,
 github.com/google-deepmind/nanodo), at sizes that fit a CPU or one GPU.
 
 Shapes: token ids ``idx`` are int64 ``(B, T)`` with ``T <= block_size``;
 logits are ``(B, T, vocab_size)`` in the parameters' dtype (float32 unless
-the caller casts the model or runs it under autocast).
+the caller casts the model or runs it under autocast). ``hidden(idx)`` gives
+the final hidden states ``(B, T, d_model)`` and ``fused_loss(idx, targets)``
+the cross-entropy through the fused head (fsam_kernels.heads), which never
+materialises the logits.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class GPTConfig:
     mlp_ratio: hidden width of the MLP as a multiple of ``d_model``.
     init_std: standard deviation of the normal initialisation; residual output
         projections are further scaled by ``1/sqrt(2 * n_layer)`` (GPT-2).
+    tie_embeddings: the output layer shares the token embedding's weight.
     """
 
     vocab_size: int = 4096
@@ -40,12 +45,15 @@ class GPTConfig:
     d_model: int = 128
     mlp_ratio: int = 4
     init_std: float = 0.02
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "mlp_ratio"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.d_model % self.n_head:
             raise ValueError(
                 f"GPTConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}"
@@ -120,9 +128,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer; ``forward(idx)`` returns logits ``(B, T, V)``.
 
-    The output layer shares its weight with the token embedding
-    (``self.lm_head.weight is self.embed.weight``), so ``parameters()`` yields
-    it once.
+    With ``tie_embeddings`` (default) the output layer shares its weight with
+    the token embedding (``self.lm_head.weight is self.embed.weight``), so
+    ``parameters()`` yields it once. ``self.head_loss`` is the fused linear
+    cross-entropy over ``lm_head`` (no parameters of its own).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -133,7 +142,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # tied
+        from ..heads import FusedLinearCrossEntropy
+
+        self.head_loss = FusedLinearCrossEntropy(self.lm_head)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -156,14 +169,9 @@ class GPT(nn.Module):
             n -= self.embed.weight.numel() + self.pos.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits for every position.
-
-        idx: int64 ``(B, T)`` token ids in ``[0, vocab_size)``.
-        Returns ``(B, T, vocab_size)`` logits; position t depends only on
-        ``idx[:, :t+1]`` (causal).
-        Raises ValueError if ``idx`` is not 2-D or if ``T > block_size``.
-        """
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(B, T, d_model)`` (after the last LayerNorm):
+        the input of the output layer. Arguments and errors as ``forward``."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         T = idx.shape[1]
@@ -176,4 +184,21 @@ class GPT(nn.Module):
         x = self.embed(idx) + self.pos(pos)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits for every position.
+
+        idx: int64 ``(B, T)`` token ids in ``[0, vocab_size)``.
+        Returns ``(B, T, vocab_size)`` logits; position t depends only on
+        ``idx[:, :t+1]`` (causal).
+        Raises ValueError if ``idx`` is not 2-D or if ``T > block_size``.
+        """
+        return self.lm_head(self.hidden(idx))
+
+    def fused_loss(self, idx: torch.Tensor, targets: torch.Tensor):
+        """Mean next-token cross-entropy through the fused head, without the
+        logits: a :class:`fsam_kernels.heads.HeadOutput` whose ``.loss`` is
+        the 0-d loss (float32); return ``(out, out.loss)`` from a SAM /
+        FunctionalSAM closure. ``targets``: int64 ``(B, T)``."""
+        return self.head_loss(self.hidden(idx), targets)

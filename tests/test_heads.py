@@ -1,0 +1,436 @@
+"""The fused linear cross-entropy head (issue 11): loss and gradients against
+torch's own ``F.cross_entropy`` over the full logits; Functional-SAM and SAM
+through the head against the plain path (``CotangentRecorder`` over full
+logits) and against an independent torch.func J(θ+e)ᵀ c0; bad input; the
+Triton kernels against the PyTorch implementation under the interpreter.
+
+Tolerances. float32: the fused and the plain path sum the same products in
+another order (chunks over tokens, the softmax formed per chunk), so results
+agree to a few hundred float32 ulps of the largest gradient entry:
+``rtol = atol/max|g| = 256 · 2⁻²³ ≈ 3e-5``. bf16 autocast: both paths round the
+matmul operands and the cotangent to bfloat16 (2⁻⁸ relative), but at other
+points (per-chunk partial sums of grad W are rounded to bfloat16 before they
+are added in float32; the plain path rounds the full sum once), so they agree
+to a few bfloat16 ulps of the largest entry: ``8 · 2⁻⁸ ≈ 0.03`` of max|g|.
+float64 checks against torch.func: 1e-10 relative (float64 rounding).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vjp
+
+from fsam_kernels import SAM, CotangentRecorder, FunctionalSAM
+from fsam_kernels.backends.reference import ReferenceBackend
+from fsam_kernels.heads import (FusedLinearCrossEntropy, HeadRecorder,
+                                fused_linear_cross_entropy)
+
+F32_TOL = 256 * 2.0 ** -23
+BF16_TOL = 8 * 2.0 ** -8
+
+
+def _close(a, b, tol):
+    scale = max(float(b.detach().abs().max()), 1e-30)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+# ----------------------------------------------------------- loss and grads
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_loss_and_grads_equal_cross_entropy(reduction, dtype, chunk_size):
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 50, (3, 7))
+    y[0, ::3] = -100
+    loss = fused_linear_cross_entropy(h, w, y, reduction=reduction, chunk_size=chunk_size)
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), y.flatten(), reduction=reduction)
+    tol = F32_TOL if dtype == torch.float32 else 1e-12
+    _close(loss, ref, tol)
+    g = torch.autograd.grad(2.5 * loss, (h, w))
+    gr = torch.autograd.grad(2.5 * ref, (h, w))
+    for a, b in zip(g, gr):
+        _close(a, b, tol)
+    with torch.no_grad():              # no grad: the forward alone
+        _close(fused_linear_cross_entropy(h, w, y, reduction=reduction), ref.detach(), tol)
+
+
+def test_float16_path_and_all_ignored():
+    """float16 recomputes in the backward (its cotangent needs the upstream
+    scale before rounding); all tokens ignored gives nan, as torch does."""
+    torch.manual_seed(1)
+    h = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    y = torch.randint(0, 30, (12,))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=4)
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    _close(loss, ref, 2 ** -10 * 8)
+    g = torch.autograd.grad(1024 * loss, (h, w))
+    gr = torch.autograd.grad(1024 * ref, (h, w))
+    for a, b in zip(g, gr):
+        _close(a, b, 8 * 2 ** -10)
+    yy = torch.full((12,), -100)
+    assert torch.isnan(fused_linear_cross_entropy(h, w, yy))
+    assert torch.isnan(F.cross_entropy(h @ w.T, yy))
+
+
+def test_bf16_autocast_loss_and_grads():
+    torch.manual_seed(2)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)
+    y = torch.randint(0, 64, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, y, chunk_size=8)
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    assert loss.dtype == torch.float32
+    _close(loss, ref, BF16_TOL)
+    for a, b in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        _close(a, b, BF16_TOL)
+
+
+def test_bad_input():
+    h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    head = FusedLinearCrossEntropy(w)
+    with pytest.raises(ValueError, match=r"labels: value 10 is outside \[0, 10\)"):
+        head(h, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="labels: value -3"):
+        head(h, torch.tensor([0, -3, 1, 2]))
+    head(h, torch.tensor([0, -100, 1, 2]))                      # ignore_index is fine
+    with pytest.raises(ValueError, match="hidden: last dimension"):
+        head(torch.randn(4, 7), y)
+    with pytest.raises(ValueError, match="labels: shape"):
+        head(h, y[:3])
+    with pytest.raises(TypeError, match="labels: expected an integer"):
+        head(h, y.float())
+    with pytest.raises(TypeError, match="hidden, weight: dtypes differ"):
+        head(h.double(), y)
+    with pytest.raises(TypeError, match="weight: expected a 2-D"):
+        fused_linear_cross_entropy(h, torch.randn(10), y)
+    with pytest.raises(ValueError, match="reduction"):
+        FusedLinearCrossEntropy(w, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedLinearCrossEntropy(w, chunk_size=0)
+    with pytest.raises(TypeError, match="bias"):
+        FusedLinearCrossEntropy(nn.Linear(8, 10))
+    with pytest.raises(TypeError, match="weight: expected a module"):
+        FusedLinearCrossEntropy(3)
+
+
+# ------------------------------------------------------------ tiny model
+class TinyLM(nn.Module):
+    """Embedding → tanh MLP with a residual → LayerNorm → head (tied or not)."""
+
+    def __init__(self, vocab=40, d=16, tied=True, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+        self.head = FusedLinearCrossEntropy(self.lm_head, chunk_size=7)
+        self.to(dtype)
+
+    def hidden(self, x):
+        e = self.embed(x)
+        return self.ln(e + torch.tanh(self.fc(e)))
+
+    def forward(self, x):
+        return self.lm_head(self.hidden(x))
+
+
+class _GradSpy(ReferenceBackend):
+    """Reference backend recording the pass-2 grads handed to restore_adamw."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def restore_adamw(self, params, grads, backups, *a, **k):
+        for p, g in zip(params, grads):
+            self.seen[p] = g.clone()
+        return super().restore_adamw(params, grads, backups, *a, **k)
+
+
+def _batches(n_micro, vocab=40, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_micro):
+        x = torch.randint(0, vocab, (2, 6), generator=g)
+        y = torch.randint(0, vocab, (2, 6), generator=g)
+        y[0, :2] = -100
+        out.append((x, y))
+    return out
+
+
+def _run(model, cls, precondition, head, batches, amp, steps=2):
+    """``steps`` optimizer steps; returns the last step's pass-2 grads (by name)."""
+    opt = cls(model.parameters(), lr=1e-2, rho=0.2, precondition=precondition,
+              backend="reference")
+    spy = _GradSpy()
+    opt._backends[torch.device("cpu")] = spy
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else torch.enable_grad
+    k = len(batches)
+    functional = cls is FunctionalSAM
+    for _ in range(steps):
+        if k == 1:
+            (x, y), = batches
+
+            def closure():
+                with ctx():
+                    if head == "fused":
+                        out = model.head(model.hidden(x), y)
+                        return out, out.loss
+                    z = model(x)
+                return z, F.cross_entropy(z.flatten(0, 1).float(), y.flatten())
+            opt.step(closure)
+            continue
+        rec = (HeadRecorder(opt) if head == "fused" else CotangentRecorder()) if functional else None
+        opt.zero_grad()
+        for x, y in batches:
+            with ctx():
+                if head == "fused":
+                    out = model.head(model.hidden(x), y)
+                    if rec is not None:
+                        rec.capture(out)
+                    loss = out.loss
+                else:
+                    z = model(x)
+                    if rec is not None:
+                        rec.capture(z)
+                    loss = F.cross_entropy(z.flatten(0, 1).float(), y.flatten())
+            (loss / k).backward()
+        opt.first_step()
+        opt.zero_grad()
+        for x, y in batches:
+            with ctx():
+                if head == "fused":
+                    h1 = model.hidden(x)
+                    if rec is not None:
+                        rec.replay(h1)
+                    else:
+                        (model.head(h1, y).loss / k).backward()
+                else:
+                    z = model(x)
+                    if rec is not None:
+                        rec.replay(z)
+                    else:
+                        (F.cross_entropy(z.flatten(0, 1).float(), y.flatten()) / k).backward()
+        opt.second_step()
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: g for p, g in spy.seen.items()}, model
+
+
+@pytest.mark.parametrize("cls", [FunctionalSAM, SAM])
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("micro", [1, 3])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_pass2_grads_equal_plain_path(cls, precondition, tied, micro, amp):
+    torch.manual_seed(11)
+    base = TinyLM(tied=tied)
+    batches = _batches(micro)
+    # bf16: one step (the grads are compared at the same θ; a second step would
+    # start from parameters that differ by AdamW's ±lr on near-zero grads whose
+    # sign bf16 rounding decides); float32: two steps (state and step 2 too)
+    steps = 1 if amp else 2
+    g_fused, m_fused = _run(copy.deepcopy(base), cls, precondition, "fused", batches, amp, steps)
+    g_plain, m_plain = _run(copy.deepcopy(base), cls, precondition, "plain", batches, amp, steps)
+    tol = BF16_TOL if amp else F32_TOL
+    assert set(g_fused) == set(g_plain) == {n for n, _ in base.named_parameters()}
+    for n in g_plain:
+        _close(g_fused[n], g_plain[n], tol)
+    if not amp:
+        for (n, a), (_, b) in zip(m_fused.named_parameters(), m_plain.named_parameters()):
+            _close(a, b, tol)
+
+
+def test_fsam_and_sam_pass2_differ_through_head():
+    """The head's Functional-SAM product is not the SAM gradient (so the
+    comparison above can tell them apart)."""
+    torch.manual_seed(12)
+    base = TinyLM(tied=True)
+    batches = _batches(1)
+    g_f, _ = _run(copy.deepcopy(base), FunctionalSAM, False, "fused", batches, False, steps=1)
+    g_s, _ = _run(copy.deepcopy(base), SAM, False, "fused", batches, False, steps=1)
+    assert max(float((g_f[n] - g_s[n]).abs().max()) for n in g_f) > 1e-4
+
+
+def test_grad_scaler_fsam_equals_plain():
+    """fp16 GradScaler through step(closure): the head's c0 carries the scale
+    exactly as the plain path's recorded cotangent does."""
+    torch.manual_seed(13)
+    base = TinyLM(tied=True)
+    (x, y), = _batches(1)
+    results = []
+    for head in ("fused", "plain"):
+        m = copy.deepcopy(base)
+        opt = FunctionalSAM(m.parameters(), lr=1e-2, rho=0.2, backend="reference")
+        spy = _GradSpy()
+        opt._backends[torch.device("cpu")] = spy
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+
+        def closure():
+            if head == "fused":
+                out = m.head(m.hidden(x), y)
+                return out, out.loss
+            z = m(x)
+            return z, F.cross_entropy(z.flatten(0, 1), y.flatten())
+        opt.step(closure, grad_scaler=scaler)
+        scaler.update()
+        results.append({id(p): spy.seen[p] for p in m.parameters()})
+        results.append(list(m.parameters()))
+    for pa, pb in zip(results[1], results[3]):
+        # grads are still scaled when the spy sees them (the kernels unscale)
+        _close(results[0][id(pa)], results[2][id(pb)], F32_TOL)
+        _close(pa, pb, F32_TOL)
+
+
+# -------------------------------------------------- independent torch.func
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_vjp_equals_torch_func(tied):
+    """J(θ+e)ᵀ c0 through the fused head equals torch.func's vjp of the full
+    logits at θ+e with c0 = ∂ℓ/∂z(θ) (float64, independent of the optimizer)."""
+    torch.manual_seed(14)
+    model = TinyLM(tied=tied, dtype=torch.float64)
+    (x, y), = _batches(1)
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.3, backend="reference")
+    rec = HeadRecorder(opt)
+    out = rec.capture(model.head(model.hidden(x), y))
+    (0.5 * out.loss).backward()
+    opt.first_step()
+    theta_e = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    rec.replay(model.hidden(x))
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.restore()
+
+    def logits(params):
+        return functional_call(model, params, (x,))
+    z0 = logits({n: t.clone().requires_grad_() for n, t in theta.items()})
+    c0 = torch.autograd.grad(0.5 * F.cross_entropy(z0.flatten(0, 1), y.flatten()), z0)[0]
+    _, pullback = vjp(logits, theta_e)
+    want = pullback(c0)[0]
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+    # and it is not the plain gradient at θ+e (the test can fail)
+    g_sam = grad(lambda p: 0.5 * F.cross_entropy(logits(p).flatten(0, 1), y.flatten()))(theta_e)
+    assert max(float((g_sam[n] - want[n]).abs().max()) for n in names) > 1e-6
+
+
+# --------------------------------------------------------- protocol errors
+def test_recorder_errors():
+    torch.manual_seed(15)
+    model = TinyLM()
+    (x, y), = _batches(1)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    with pytest.raises(TypeError, match="optimizer"):
+        HeadRecorder(object())
+    rec = HeadRecorder(opt)
+    with pytest.raises(RuntimeError, match="no record left"):
+        rec.replay(model.hidden(x))
+    with pytest.raises(TypeError, match="out: expected the HeadOutput"):
+        rec.capture(model(x))
+    # a head weight that is not among the optimizer's parameters
+    other = FunctionalSAM([model.fc.weight], lr=1e-2, rho=0.1, backend="reference")
+    with pytest.raises(ValueError, match="weight: the head weight"):
+        HeadRecorder(other).capture(model.head(model.hidden(x), y))
+    # captured, but pass-1 backward not run
+    rec.capture(model.head(model.hidden(x), y))
+    with pytest.raises(RuntimeError, match="received no gradient"):
+        rec.replay(model.hidden(x))
+    # replay with no first_step pending
+    out = rec.capture(model.head(model.hidden(x), y))
+    out.loss.backward()
+    with pytest.raises(RuntimeError, match="no first_step"):
+        rec.replay(model.hidden(x))
+    # shape mismatch, then a second replay of one record
+    out = rec.capture(model.head(model.hidden(x), y))
+    out.loss.backward()
+    opt.first_step()
+    with pytest.raises(ValueError, match="hidden: pass-2 hidden states have shape"):
+        rec.replay(model.hidden(x[:1]))
+    out = rec.capture(model.head(model.hidden(x), y))   # pass-1 style record
+    out.loss.backward()
+    rec.replay(model.hidden(x))
+    with pytest.raises(RuntimeError, match="no record left"):
+        rec.replay(model.hidden(x))
+    opt.restore()
+
+
+def test_closure_errors():
+    torch.manual_seed(16)
+    model = TinyLM()
+    (x, y), = _batches(1)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    theta = [p.detach().clone() for p in model.parameters()]
+
+    def no_dep():
+        out = model.head(model.hidden(x), y)
+        return out, model.fc.weight.square().sum()
+    with pytest.raises(ValueError, match="does not depend on the head's output"):
+        opt.step(no_dep)
+    calls = [0]
+
+    def other_pass2():
+        calls[0] += 1
+        if calls[0] == 2:
+            z = model(x)
+            return z, F.cross_entropy(z.flatten(0, 1), y.flatten())
+        out = model.head(model.hidden(x), y)
+        return out, out.loss
+    with pytest.raises(ValueError, match="must call the same"):
+        opt.step(other_pass2)
+    for p, t in zip(model.parameters(), theta):
+        assert torch.equal(p.detach(), t)          # restored
+    # the head's stand-in is consumed: the next step works normally
+    opt.step(lambda: (lambda o: (o, o.loss))(model.head(model.hidden(x), y)))
+
+
+# ------------------------------------------------------------- Triton
+def _triton_ok():
+    from fsam_kernels.heads.linear_ce import _triton_usable
+    return _triton_usable(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="Triton interpreter not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_equals_torch(dtype):
+    """The Triton kernels (under TRITON_INTERPRET=1 on CPU) against the
+    PyTorch implementation: forward, backward and the Functional-SAM vjp."""
+    from fsam_kernels.heads import _torch as tt, _triton as tr
+
+    torch.manual_seed(17)
+    n, d, v = 19, 24, 45
+    h = torch.randn(n, d).to(dtype)
+    w = torch.randn(v, d).to(dtype)
+    h1 = (h.float() + 0.1 * torch.randn(n, d)).to(dtype)
+    w1 = (w.float() + 0.1 * torch.randn(v, d)).to(dtype)
+    y = torch.randint(0, v, (n,))
+    y[3] = -100
+    # float32 operands in both; bf16 operands are cast to float32 by the kernels
+    cd = torch.float32
+    lse_t, zy_t = tt.forward(h.float(), w.float(), y, -100, cd, 7)[:2]
+    lse_k, zy_k = tr.forward(h, w, y, -100, cd, 7)[:2]
+    _close(lse_k, lse_t, F32_TOL)
+    _close(zy_k, zy_t, F32_TOL)
+    coef = torch.tensor(0.37)
+    gh_t, gw_t = tt.vjp(h.float(), w.float(), lse_t, y, -100, coef, h1.float(), w1.float(), cd, 7)
+    gh_k, gw_k = tr.vjp(h, w, lse_k, y, -100, coef, h1, w1, cd, 7)
+    _close(gh_k, gh_t, F32_TOL)
+    _close(gw_k, gw_t, F32_TOL)
+    # through the public function with impl="triton"
+    hh = h.float().requires_grad_()
+    ww = w.float().requires_grad_()
+    loss = fused_linear_cross_entropy(hh, ww, y, impl="triton")
+    ref = F.cross_entropy(hh @ ww.T, y)
+    _close(loss, ref, F32_TOL)
+    for a, b in zip(torch.autograd.grad(loss, (hh, ww)), torch.autograd.grad(ref, (hh, ww))):
+        _close(a, b, F32_TOL)
