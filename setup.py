@@ -9,6 +9,13 @@ behind a C API (csrc/include/fsam/capi.h), loaded with ctypes at run time.
 * ``fsam_kernels/_lib/libfsam_cuda.so``: when ``nvcc`` is found (``$CUDA_HOME``
   /bin, else PATH), for sm_80 and sm_90 plus PTX (``$FSAM_CUDA_ARCHS`` overrides,
   e.g. "80;90"). A failing nvcc only warns: the CPU library is still built.
+* ``fsam_kernels/_lib/libfsam_cuda_emu.so``: always (no nvcc needed), the same
+  csrc/cuda sources compiled for the host by the C++ compiler as C++ with
+  ``-DFSAM_CUDA_EMULATE -include fsam/cuda_emu.h`` (threads as fibers, real
+  ``__syncthreads`` and warp shuffles, launches as host loops). The "cuda"
+  backend runs it on CPU tensors when ``FSAM_CUDA_EMULATE=1`` is set before
+  fsam_kernels is imported (tests/test_cuda_emulated.py). A failing build
+  only warns (the emulated-CUDA tests then fail, saying so).
 
 The libraries are built by ``build_ext`` (so ``pip install -e .`` and
 ``pip install .`` both build them) and by ``python setup.py build_native``.
@@ -36,6 +43,8 @@ CXX_FLAGS = [
     # IEEE semantics (SPEC tolerances; CPU and CUDA agree bitwise):
     "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
 ]
+# The emulated CUDA build: the .cu files as host C++ (fsam/cuda_emu.h forced).
+EMU_FLAGS = ["-x", "c++", "-DFSAM_CUDA_EMULATE", "-include", "fsam/cuda_emu.h"]
 NVCC_FLAGS = [
     "-std=c++17", "-O3", "--shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
     "--fmad=false", "-lineinfo",
@@ -120,6 +129,18 @@ def build_native_libs(lib_dir, force=False):
         built.append(cpu_lib)
 
     cuda_src = _sources("cuda", ".cu")
+    emu_lib = os.path.join(lib_dir, "libfsam_cuda_emu.so")
+    if cuda_src and cxx is not None and (force or _stale(emu_lib, cuda_src + headers + [__file__])):
+        tmp = emu_lib + ".tmp"
+        try:
+            _run(cxx + CXX_FLAGS + ["-I", INCLUDE] + EMU_FLAGS + cuda_src + ["-o", tmp])
+            os.replace(tmp, emu_lib)
+            built.append(emu_lib)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            warnings.warn(f"building the emulated CUDA library failed ({exc}); continuing "
+                          f"without it")
+            print(f"WARNING: building the emulated CUDA library failed ({exc})", file=sys.stderr)
+
     cuda_lib = os.path.join(lib_dir, "libfsam_cuda.so")
     nvcc = find_nvcc()
     if os.environ.get("FSAM_NO_CUDA"):

@@ -16,10 +16,22 @@
 //
 // Build: nvcc --fmad=false (no FMA contraction: the same rounding as the CPU
 // kernels and the reference), sm_80 and sm_90 plus PTX (setup.py).
+// setup.py also builds this file for the host with FSAM_CUDA_EMULATE defined
+// (g++, fsam/cuda_emu.h: fibers for threads, real barriers and shuffles) into
+// libfsam_cuda_emu.so, which the tests run on CPU tensors; that build uses
+// smaller blocks and tiles (below) so small tensors span several tiles and
+// the grid-stride loops wrap. Nothing else differs.
 #include "fsam/capi.h"
 #include "fsam/math.h"
 
+#if defined(FSAM_CUDA_EMULATE)
+#include "fsam/cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+// FSAM_LAUNCH(kernel, grid, block, smem, stream)(args...): a kernel launch,
+// spelled as a macro so that the emulated host build can provide it.
+#define FSAM_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 #include <cstdio>
 #include <string>
@@ -30,9 +42,15 @@ using fsam::AdamWCoef;
 using fsam::bf16_t;
 using fsam::half_t;
 
+#if defined(FSAM_CUDA_EMULATE)
+constexpr int kBlock = 128;        // 4 warps: the cross-warp stage of block_sum runs
+constexpr int kILP = 4;
+constexpr int64_t kTile = 2048;    // elements per tile: 16 per thread, 4 ILP rounds
+#else
 constexpr int kBlock = 512;
 constexpr int kILP = 4;
 constexpr int64_t kTile = 32768;   // elements per tile: 64 per thread
+#endif
 constexpr int kBlocksPerSM = 2;    // grid: as many blocks as can be resident
 constexpr int kMinBlocks = 2;      // launch bounds: <= 64 registers per thread
 constexpr int kMaxDevices = 64;
@@ -404,10 +422,10 @@ int fsam_cuda_sq_norm(const fsam_tensor_t* t, const int64_t* chunk_start, int64_
   if (int rc = use_device(device)) return rc;
   if (n_tiles <= 0) return 0;  // nothing to add
   cudaStream_t s = (cudaStream_t)stream;
-  sq_norm_kernel<<<grid_for(n_tiles), kBlock, 0, s>>>(t, chunk_start, n, n_tiles, partials,
-                                                       precondition, beta2, eps, grad_scale);
+  FSAM_LAUNCH(sq_norm_kernel, grid_for(n_tiles), kBlock, 0, s)(t, chunk_start, n, n_tiles, partials,
+                                                               precondition, beta2, eps, grad_scale);
   if (int rc = check_launch("sq_norm")) return rc;
-  sq_norm_finish_kernel<<<1, kBlock, 0, s>>>(partials, n_tiles, out);
+  FSAM_LAUNCH(sq_norm_finish_kernel, 1, kBlock, 0, s)(partials, n_tiles, out);
   return check_launch("sq_norm finish");
 }
 
@@ -417,7 +435,7 @@ int fsam_cuda_perturb(const fsam_tensor_t* t, const int64_t* chunk_start, int64_
                       float* found_inf, int device, void* stream) {
   if (int rc = use_device(device)) return rc;
   // launched even with no tiles: a non-finite N² must still set found_inf
-  perturb_kernel<<<grid_for(n_tiles), kBlock, 0, (cudaStream_t)stream>>>(
+  FSAM_LAUNCH(perturb_kernel, grid_for(n_tiles), kBlock, 0, (cudaStream_t)stream)(
       t, chunk_start, n, n_tiles, precondition, (float)rho, norm_sq, (float)norm_eps, beta2, eps,
       grad_scale, found_inf);
   return check_launch("perturb");
@@ -430,14 +448,14 @@ int fsam_cuda_restore_adamw(const fsam_tensor_t* t, const int64_t* chunk_start, 
   if (int rc = use_device(device)) return rc;
   cudaStream_t s = (cudaStream_t)stream;
   if (n_tiles > 0) {
-    restore_adamw_kernel<<<grid_for(n_tiles), kBlock, 0, s>>>(
+    FSAM_LAUNCH(restore_adamw_kernel, grid_for(n_tiles), kBlock, 0, s)(
         t, chunk_start, n, n_tiles, has_backup, lr, beta1, beta2, eps, weight_decay, maximize,
         grad_scale, found_inf);
     if (int rc = check_launch("restore_adamw")) return rc;
   }
   if (n > 0) {
     const unsigned blocks = (unsigned)((n + 255) / 256);
-    step_increment_kernel<<<blocks, 256, 0, s>>>(t, n, found_inf);
+    FSAM_LAUNCH(step_increment_kernel, blocks, 256, 0, s)(t, n, found_inf);
     return check_launch("restore_adamw steps");
   }
   return 0;
@@ -447,8 +465,8 @@ int fsam_cuda_restore(const fsam_tensor_t* t, const int64_t* chunk_start, int64_
                       int64_t n_tiles, int device, void* stream) {
   if (int rc = use_device(device)) return rc;
   if (n_tiles <= 0) return 0;
-  restore_kernel<<<grid_for(n_tiles), kBlock, 0, (cudaStream_t)stream>>>(t, chunk_start, n,
-                                                                          n_tiles);
+  FSAM_LAUNCH(restore_kernel, grid_for(n_tiles), kBlock, 0, (cudaStream_t)stream)(t, chunk_start, n,
+                                                                                  n_tiles);
   return check_launch("restore");
 }
 

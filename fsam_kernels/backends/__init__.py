@@ -6,11 +6,18 @@ fastest available backend for the device (in the order of ``AUTO_ORDER``) and
 logs which one it chose. An explicitly requested backend that cannot run on
 the device raises ``RuntimeError`` naming the reason; an unknown name raises
 ``ValueError``.
+
+``FSAM_CUDA_EMULATE=1`` in the environment when this package is imported
+(:data:`CUDA_EMULATE`) makes "cuda" available on CPU tensors too: the CUDA
+kernel source built for the host with an emulation of threads, barriers and
+warp shuffles (see ``fsam_kernels.backends.native``), as ``TRITON_INTERPRET=1``
+does for "triton". It is for tests: "auto" never chooses it.
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -18,6 +25,10 @@ import torch
 from .base import Backend
 
 logger = logging.getLogger("fsam_kernels")
+
+#: FSAM_CUDA_EMULATE read once, at import: "1" (or true/yes/on) enables the
+#: emulated CUDA backend on CPU tensors
+CUDA_EMULATE = os.environ.get("FSAM_CUDA_EMULATE", "").strip().lower() in ("1", "true", "yes", "on")
 
 #: name -> (module, class name); modules are imported lazily
 _REGISTRY: Dict[str, Tuple[str, str]] = {
@@ -90,4 +101,4 @@ def get_backend(name: str, device="cpu") -> Backend:
 
 
 __all__ = ["Backend", "get_backend", "available_backends", "backend_availability",
-           "BACKEND_NAMES", "AUTO_ORDER"]
+           "BACKEND_NAMES", "AUTO_ORDER", "CUDA_EMULATE"]

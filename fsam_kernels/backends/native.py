@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import operator
 import os
 import threading
@@ -60,12 +61,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import CUDA_EMULATE
 from .base import Backend
 from .layout import is_dense, same_layout
 
 __all__ = ["CPUBackend", "CUDABackend", "set_num_threads", "get_num_threads", "CPU_ISAS",
            "cpu_isa", "supported_cpu_isas", "set_cpu_isa", "using_cpu_isa", "set_streaming_min_bytes", "get_streaming_min_bytes",
-           "cpu_library", "cuda_library", "library_dir"]
+           "cpu_library", "cuda_library", "cuda_emu_library", "CUDA_EMULATED", "library_dir"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _F64 = 3
@@ -137,6 +139,12 @@ class _Loaded:
 
 _cpu = _Loaded()
 _cuda = _Loaded()
+_cuda_emu = _Loaded()
+
+#: True when FSAM_CUDA_EMULATE=1 was set before fsam_kernels was imported: the
+#: "cuda" backend then also runs on CPU tensors, with the CUDA kernels' host
+#: build (libfsam_cuda_emu.so, csrc/include/fsam/cuda_emu.h). For tests.
+CUDA_EMULATED = CUDA_EMULATE
 _load_lock = threading.Lock()
 
 
@@ -188,6 +196,18 @@ def cuda_library():
             return None
         _load(_cuda, "libfsam_cuda.so", _declare_cuda, "cuda")
     return _cuda.lib
+
+
+def cuda_emu_library():
+    """The emulated CUDA library (the csrc/cuda kernels built for the host, same
+    C API, host pointers) or None; loaded only when :data:`CUDA_EMULATED`."""
+    if not _cuda_emu.tried:
+        if not CUDA_EMULATED:
+            _cuda_emu.error = ("FSAM_CUDA_EMULATE=1 was not set before fsam_kernels was "
+                               "imported")
+            return None
+        _load(_cuda_emu, "libfsam_cuda_emu.so", _declare_cuda, "cuda")
+    return _cuda_emu.lib
 
 
 def set_num_threads(n: int) -> None:
@@ -785,18 +805,21 @@ class _CudaTables:
 
     def get(self, rec: _Records, device: torch.device, tile: int):
         host, n_tiles = cuda_host_table(rec.a, tile)
-        key = (device.index, host.tobytes())
+        key = (device.type, device.index, host.tobytes())
         with self.lock:
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache.move_to_end(key)
                 return hit
-        if torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "fsam_kernels cuda: a new set of tensors reached the kernels during CUDA graph "
                 "capture; run one eager step with the same tensors before capturing (the "
                 "launch tables are built and uploaded on first use)")
-        table = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+        if device.type == "cuda":
+            table = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+        else:  # the emulated CUDA library: host memory
+            table = torch.from_numpy(host)
         partials = torch.empty(max(n_tiles, 1), dtype=torch.float64, device=device)
         entry = (table, partials, n_tiles)
         with self.lock:
@@ -810,6 +833,21 @@ _tables = _CudaTables()
 
 
 def _cuda_call(name: str, rec: _Records, device: torch.device, *args, partials=False):
+    if device.type == "cpu":   # the emulated library (CUDA_EMULATED): CPU tensors
+        lib = cuda_emu_library()
+        if lib is None:
+            raise RuntimeError(f"fsam_kernels emulated cuda library unavailable: "
+                               f"{_cuda_emu.error}")
+        table, work, n_tiles = _tables.get(rec, device, int(lib.fsam_cuda_tile_size()))
+        tptr = table.data_ptr()
+        cptr = tptr + rec.n * 8 * 8
+        fn = getattr(lib, "fsam_cuda_" + name)
+        if partials:
+            rc = fn(tptr, cptr, rec.n, n_tiles, work.data_ptr(), *args, 0, None)
+        else:
+            rc = fn(tptr, cptr, rec.n, n_tiles, *args, 0, None)
+        _check_rc(rc, lib, "cuda")
+        return
     lib = cuda_library()
     if lib is None:
         raise RuntimeError(f"fsam_kernels cuda library unavailable: {_cuda.error}")
@@ -826,6 +864,12 @@ def _cuda_call(name: str, rec: _Records, device: torch.device, *args, partials=F
         else:
             rc = fn(tptr, cptr, rec.n, n_tiles, *args, device.index, stream)
     _check_rc(rc, lib, "cuda")
+
+
+def _use_cuda(device: torch.device, engine: Optional[str]) -> bool:
+    """Whether a call runs the CUDA kernels (real, or emulated on CPU tensors:
+    ``engine="cuda"``) or the CPU kernels. ``engine`` None: by the device."""
+    return device.type == "cuda" or engine == "cuda"
 
 
 def _cpu_lib_or_raise():
@@ -849,7 +893,7 @@ def _bump(tensors):
 
 def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Tensor],
                 beta2: float, eps: float, precondition: bool, grad_scale: Optional[Tensor],
-                out: Tensor, cache: Optional[dict] = None) -> None:
+                out: Tensor, cache: Optional[dict] = None, engine: Optional[str] = None) -> None:
     op = "sq_norm"
     device = out.device
     if precondition:
@@ -859,7 +903,7 @@ def _sq_norm_impl(grads: List[Tensor], exp_avg_sqs: List[Tensor], steps: List[Te
     out_ptr = _scalar_ptr(out, "out", device, op, dtype=torch.float64)
     gs_ptr = _scalar_ptr(grad_scale, "grad_scale", device, op, optional=True)
     rec = _records_sq_norm_cached(cache, grads, exp_avg_sqs, steps, precondition)
-    if device.type == "cuda":
+    if _use_cuda(device, engine):
         _cuda_call(op, rec, device, int(precondition), beta2, eps, gs_ptr, out_ptr, partials=True)
     else:
         lib = _cpu_lib_or_raise()
@@ -872,7 +916,7 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
                 exp_avg_sqs: List[Tensor], steps: List[Tensor], rho: float, norm_sq: Tensor,
                 norm_eps: float, beta2: float, eps: float, precondition: bool,
                 grad_scale: Optional[Tensor], found_inf: Tensor,
-                cache: Optional[dict] = None) -> None:
+                cache: Optional[dict] = None, engine: Optional[str] = None) -> None:
     op = "perturb"
     n = len(params)
     _check_lengths(op, n, grads=grads, backups=backups)
@@ -888,7 +932,7 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
                                  exp_avg_sqs if precondition else None,
                                  steps if precondition else None, precondition)
     args = (int(precondition), rho, ns_ptr, norm_eps, beta2, eps, gs_ptr, fi_ptr)
-    if device.type == "cuda":
+    if _use_cuda(device, engine):
         _cuda_call(op, rec, device, *args)
     else:
         lib = _cpu_lib_or_raise()
@@ -902,7 +946,8 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
                       has_backups: bool, exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                       steps: List[Tensor], lr: float, beta1: float, beta2: float, eps: float,
                       weight_decay: float, maximize: bool, grad_scale: Optional[Tensor],
-                      found_inf: Tensor, cache: Optional[dict] = None) -> None:
+                      found_inf: Tensor, cache: Optional[dict] = None,
+                      engine: Optional[str] = None) -> None:
     op = "restore_adamw"
     n = len(params)
     _check_lengths(op, n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)
@@ -916,7 +961,7 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
     rec = _records_update_cached(cache, op, params, grads, backups if has_backups else None,
                                  exp_avgs, exp_avg_sqs, steps, True)
     args = (int(has_backups), lr, beta1, beta2, eps, weight_decay, int(maximize), gs_ptr, fi_ptr)
-    if device.type == "cuda":
+    if _use_cuda(device, engine):
         _cuda_call(op, rec, device, *args)
     else:
         lib = _cpu_lib_or_raise()
@@ -928,7 +973,7 @@ def _restore_adamw_impl(params: List[Tensor], grads: List[Tensor], backups: List
 
 
 def _restore_impl(params: List[Tensor], backups: List[Tensor],
-                  cache: Optional[dict] = None) -> None:
+                  cache: Optional[dict] = None, engine: Optional[str] = None) -> None:
     op = "restore"
     n = len(params)
     _check_lengths(op, n, backups=backups)
@@ -936,7 +981,7 @@ def _restore_impl(params: List[Tensor], backups: List[Tensor],
         return
     device = params[0].device
     rec = _records_update_cached(cache, op, params, None, backups, None, None, None, False)
-    if device.type == "cuda":
+    if _use_cuda(device, engine):
         _cuda_call(op, rec, device)
     else:
         lib = _cpu_lib_or_raise()
@@ -969,7 +1014,9 @@ _IMPLS = {"sq_norm": _sq_norm_impl, "perturb": _perturb_impl,
 
 
 def _register_ops():
-    """Define torch.ops.fsam_kernels.{sq_norm, perturb, restore_adamw, restore}.
+    """Define torch.ops.fsam_kernels.{sq_norm, perturb, restore_adamw, restore};
+    with :data:`CUDA_EMULATED` also ``cuda_emu_<op>`` (CPU tensors, the
+    emulated CUDA kernels: what the "cuda" backend calls on CPU tensors).
 
     Registered with the low-level ``torch.library.Library`` API (define + impl
     for the CPU and CUDA keys + register_fake) rather than the
@@ -992,6 +1039,13 @@ def _register_ops():
         if name == "restore":  # callable with empty lists (no tensor to dispatch on)
             lib.impl(name, _IMPLS[name], "CompositeExplicitAutograd")
         torch.library.register_fake(f"{_NS}::{name}", _fake, lib=lib)
+        if CUDA_EMULATED:
+            emu = "cuda_emu_" + name
+            lib.define(emu + schema[len(name):])
+            for key in ("CPU", "SparseCPU", "SparseCsrCPU", "CompositeExplicitAutograd"):
+                if key != "CompositeExplicitAutograd" or name == "restore":
+                    lib.impl(emu, functools.partial(_IMPLS[name], engine="cuda"), key)
+            torch.library.register_fake(f"{_NS}::{emu}", _fake, lib=lib)
     _LIB = lib
     return lib
 
@@ -1037,14 +1091,19 @@ class _NativeBackend(Backend):
     norm_dtype = torch.float64   # N² (SPEC §1): float64 partials and totals
     fused = True
 
+    def _route(self, device: torch.device):
+        """``(engine, op name prefix)`` for tensors on ``device`` (see the subclasses)."""
+        raise NotImplementedError
+
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out,
                 cache=None):
         grads = _seq(grads)
+        engine, prefix = self._route(out.device)
         if _eager(grads):
             return _sq_norm_impl(grads, _seq(exp_avg_sqs) if precondition else (),
                                  _seq(steps) if precondition else (), float(beta2), float(eps),
-                                 bool(precondition), grad_scale, out, cache)
-        torch.ops.fsam_kernels.sq_norm(
+                                 bool(precondition), grad_scale, out, cache, engine)
+        getattr(torch.ops.fsam_kernels, prefix + "sq_norm")(
             list(grads), _lst(exp_avg_sqs) if precondition else [],
             _lst(steps) if precondition else [], float(beta2), float(eps), bool(precondition),
             grad_scale, out)
@@ -1052,13 +1111,14 @@ class _NativeBackend(Backend):
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq, norm_eps,
                 beta2, eps, precondition, grad_scale, found_inf, cache=None):
         params, grads = _seq(params), _seq(grads)
+        engine, prefix = self._route(found_inf.device)
         if _eager(params, grads):
             return _perturb_impl(params, grads, _seq(backups),
                                  _seq(exp_avg_sqs) if precondition else (),
                                  _seq(steps) if precondition else (), float(rho), norm_sq,
                                  float(norm_eps), float(beta2), float(eps), bool(precondition),
-                                 grad_scale, found_inf, cache)
-        torch.ops.fsam_kernels.perturb(
+                                 grad_scale, found_inf, cache, engine)
+        getattr(torch.ops.fsam_kernels, prefix + "perturb")(
             list(params), list(grads), list(backups),
             _lst(exp_avg_sqs) if precondition else [], _lst(steps) if precondition else [],
             float(rho), norm_sq, float(norm_eps), float(beta2), float(eps), bool(precondition),
@@ -1067,27 +1127,38 @@ class _NativeBackend(Backend):
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
                       beta2, eps, weight_decay, maximize, grad_scale, found_inf, cache=None):
         params, grads = _seq(params), _seq(grads)
+        engine, prefix = self._route(found_inf.device)
         if _eager(params, grads):
             return _restore_adamw_impl(
                 params, grads, _seq(backups), backups is not None, _seq(exp_avgs),
                 _seq(exp_avg_sqs), _seq(steps), float(lr), float(beta1), float(beta2),
-                float(eps), float(weight_decay), bool(maximize), grad_scale, found_inf, cache)
-        torch.ops.fsam_kernels.restore_adamw(
+                float(eps), float(weight_decay), bool(maximize), grad_scale, found_inf, cache,
+                engine)
+        getattr(torch.ops.fsam_kernels, prefix + "restore_adamw")(
             list(params), list(grads), _lst(backups), backups is not None, list(exp_avgs),
             list(exp_avg_sqs), list(steps), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(maximize), grad_scale, found_inf)
 
     def restore(self, params, backups, *, cache=None):
         params = _seq(params)
+        if not params:
+            return
+        engine, prefix = self._route(params[0].device)
         if _eager(params):
-            return _restore_impl(params, _seq(backups), cache)
-        torch.ops.fsam_kernels.restore(list(params), list(backups))
+            return _restore_impl(params, _seq(backups), cache, engine)
+        getattr(torch.ops.fsam_kernels, prefix + "restore")(list(params), list(backups))
 
 
 class CPUBackend(_NativeBackend):
     """C++ multi-tensor kernels (threads + SIMD) for tensors in CPU memory."""
 
     name = "cpu"
+
+    def _route(self, device):
+        if device.type != "cpu":
+            raise ValueError(f"cpu backend: the tensors are on {device}; it runs on CPU tensors "
+                             f"(backend='cuda' or 'auto' for CUDA tensors)")
+        return None, ""
 
     @classmethod
     def availability(cls, device):
@@ -1100,15 +1171,37 @@ class CPUBackend(_NativeBackend):
 
 
 class CUDABackend(_NativeBackend):
-    """CUDA C++ multi-tensor kernels (one launch per operation for any number of tensors)."""
+    """CUDA C++ multi-tensor kernels (one launch per operation for any number of tensors).
+
+    With ``FSAM_CUDA_EMULATE=1`` set before fsam_kernels is imported it also
+    runs on CPU tensors: the same kernel source built for the host
+    (libfsam_cuda_emu.so; csrc/include/fsam/cuda_emu.h runs each block's
+    threads as fibers with real barriers and warp shuffles), slowly, for
+    tests. "auto" never picks it for CPU tensors."""
 
     name = "cuda"
+
+    def _route(self, device):
+        if device.type == "cuda":
+            return None, ""
+        if device.type == "cpu" and CUDA_EMULATED:
+            return "cuda", "cuda_emu_"
+        raise ValueError(f"cuda backend: the tensors are on {device}; it runs on CUDA tensors "
+                         f"(and on CPU tensors through its emulated host build only when "
+                         f"FSAM_CUDA_EMULATE=1 is set before fsam_kernels is imported)")
 
     @classmethod
     def availability(cls, device):
         device = torch.device(device)
+        if device.type == "cpu" and CUDA_EMULATED:
+            if cuda_emu_library() is None:
+                return False, _cuda_emu.error
+            return True, ""
         if device.type != "cuda":
-            return False, f"the cuda backend runs on CUDA tensors, not {device}"
+            hint = ("" if device.type != "cpu" else " (FSAM_CUDA_EMULATE=1, set before "
+                    "importing fsam_kernels, runs its kernels' emulated host build on CPU "
+                    "tensors, for tests)")
+            return False, f"the cuda backend runs on CUDA tensors, not {device}{hint}"
         if not torch.cuda.is_available():
             return False, "torch.cuda.is_available() is False"
         lib = cuda_library()
