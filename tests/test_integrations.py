@@ -408,3 +408,140 @@ def test_trainer_errors_and_cache_hint(tmp_path):
     with pytest.raises(TypeError, match="use_cache=False"):       # (logits, DynamicCache)
         o.step(lambda: (lambda out: (out, out[0].float().square().mean()))(
             cfg_model(input_ids=ids, use_cache=True, return_dict=False)))
+
+
+# ----------------------------------------------------------- Lightning
+def _loader(n=12, batch=4):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False), x, y
+
+
+def _pl_trainer(**kw):
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, max_epochs=5)
+    base.update(kw)
+    return pl.Trainer(**base)
+
+
+if HAS_PL:
+    class _Lit(pl.LightningModule):
+        def __init__(self, cls, manual=False, mark=True):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+            self.cls, self.mark = cls, mark
+            self.automatic_optimization = not manual
+            self.calls = 0
+
+        def configure_optimizers(self):
+            return self.cls(self.parameters(), backend=BACKEND, lr=1e-2, rho=0.05, model=self)
+
+        def _loss(self, batch):
+            x, y = batch
+            z = self.net(x)
+            if self.mark:
+                z = self.optimizers().mark_output(z)
+            return nn.functional.cross_entropy(z, y)
+
+        def training_step(self, batch, batch_idx):
+            self.calls += 1
+            if self.automatic_optimization:
+                return self._loss(batch)
+            from fsam_kernels.integrations.lightning import manual_step
+            return manual_step(self, lambda: self._loss(batch))
+
+
+def _pl_hand_loop(cls, x, y, steps, batch=4, clip=None):
+    """The hand loop of Lightning's automatic optimization: each closure call
+    clips its own gradient (Lightning clips after every backward)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = cls(net.parameters(), backend=BACKEND, lr=1e-2, rho=0.05)
+    functional = cls is FunctionalSAM
+    for s in range(steps):
+        i = (s * batch) % len(x)
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        opt.zero_grad(set_to_none=True)
+        z = net(xb)
+        loss = nn.functional.cross_entropy(z, yb)
+        c0 = torch.autograd.grad(loss, z, retain_graph=True)[0] if functional else None
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.first_step()
+        opt.zero_grad(set_to_none=True)
+        z = net(xb)
+        z.backward(c0) if functional else nn.functional.cross_entropy(z, yb).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.second_step()
+    return net
+
+
+@needs_pl
+@pytest.mark.parametrize("cls", CLASSES)
+def test_lightning_automatic_optimization_equals_hand_loop(cls):
+    """Lightning's closure (training_step + zero_grad + backward, returning the
+    loss) drives both passes; FunctionalSAM through mark_output; clipping on.
+    5 steps over 3 batches: parameters bitwise the hand loop, global_step 5."""
+    loader, x, y = _loader()
+    lit = _Lit(cls)
+    tr = _pl_trainer(max_steps=5, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(lit, loader)
+    assert tr.global_step == 5 and lit.calls == 10          # two closure calls per step
+    ref = _pl_hand_loop(cls, x, y, 5, clip=0.05)
+    for a, b in zip(lit.net.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs_pl
+def test_lightning_functional_without_mark_names_the_fix():
+    loader, _, _ = _loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="mark_output"):
+            _pl_trainer(max_steps=1).fit(_Lit(FunctionalSAM, mark=False), loader)
+        with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+            _pl_trainer(max_steps=2, accumulate_grad_batches=2).fit(_Lit(SAM), loader)
+
+
+@needs_pl
+@pytest.mark.parametrize("cls", CLASSES)
+def test_lightning_manual_optimization_counts_steps(cls):
+    """Manual optimization with first_step(), pass 2 and opt.step()
+    (manual_step): global_step counts, max_steps=3 stops after 3 steps, and the
+    parameters equal the hand loop bitwise."""
+    loader, x, y = _loader()
+    lit = _Lit(cls, manual=True)
+    tr = _pl_trainer(max_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(lit, loader)
+    assert tr.global_step == 3 and lit.calls == 3
+    ref = _pl_hand_loop(cls, x, y, 3)
+    for a, b in zip(lit.net.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------- the examples
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script,args", [
+    pytest.param("hf_trainer.py", ["--fsam", "--model", "llama", "--precondition"], marks=needs_hf),
+    pytest.param("lightning_sam.py", ["--fsam"], marks=needs_pl),
+])
+def test_integration_examples_run(script, args):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "python", script), "--tiny", *args],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "steps" in r.stdout or "global_step" in r.stdout

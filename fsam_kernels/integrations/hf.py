@@ -73,13 +73,15 @@ class SAMTrainer(Trainer):
         sam_class (type): ``SAM`` (default) or ``FunctionalSAM``, for the
             default optimizer.
         sam_kwargs (dict or None): more keywords for it, e.g.
-            ``{"rho": 0.05, "precondition": True}``.
+            ``{"rho": 0.05, "precondition": True}`` (not ``model``: pass 2 runs
+            with the BatchNorm statistics of Trainer's model frozen whenever
+            the optimizer's ``bn_clean_pass_only`` is true).
 
     Raises:
         TypeError: at the first training step, if the optimizer is not a
             ``SAM`` / ``FunctionalSAM``.
-        ValueError: at the first training step, for fp16 loss scaling,
-            DeepSpeed or ``ascent_sync="local"``.
+        ValueError: ``model`` in ``sam_kwargs``; at the first training step,
+            fp16 loss scaling, DeepSpeed or ``ascent_sync="local"``.
         RuntimeError: (Functional-SAM) if a pass-1 loss does not reach the
             model output.
     """
@@ -90,6 +92,10 @@ class SAMTrainer(Trainer):
             raise TypeError(f"sam_class: expected SAM or FunctionalSAM, got {sam_class!r}")
         if sam_kwargs is not None and not isinstance(sam_kwargs, dict):
             raise TypeError(f"sam_kwargs: expected a dict or None, got {type(sam_kwargs).__name__}")
+        if sam_kwargs and "model" in sam_kwargs:
+            # Trainer.create_optimizer reads a "model" keyword as LOMO's parameters
+            raise ValueError("sam_kwargs: leave out 'model'; SAMTrainer freezes the BatchNorm "
+                             "statistics of Trainer's model in pass 2 itself")
         super().__init__(*args, **kwargs)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             a = self.args
