@@ -200,9 +200,13 @@ def sq_norm_finish_kernel(partial_ptr, n_partials, out_ptr, BLOCK: tl.constexpr)
     """out += Σ partial, summed in float64 in a fixed order (one program); ``out``
     is float64, so N² stays float64 across calls and groups (SPEC §1)."""
     acc = tl.full([BLOCK], 0.0, tl.float64)
-    for start in range(0, n_partials, BLOCK):
+    # a while loop, not range(0, n_partials, BLOCK): the Triton 3.6 interpreter
+    # cannot take a runtime scalar as a range bound under NumPy >= 2.4
+    start = tl.full([], 0, tl.int64)
+    while start < n_partials:
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         acc += tl.load(partial_ptr + offs, mask=offs < n_partials, other=0.0)
+        start += BLOCK
     total = tl.sum(acc, axis=0)
     o = tl.load(out_ptr).to(tl.float64)
     tl.store(out_ptr, o + total)
