@@ -313,6 +313,34 @@ def test_full_step_matches_reference(device, precondition):
     assert_states_close(a, b, "full step")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_norm_sq_is_float64_across_calls_and_groups(device):
+    """SPEC §1: N² is added to a float64 accumulator (partials and totals float64):
+    on top of 1e8 it keeps float64 precision (float32 would round by up to 4),
+    and the same grads in one call or spread over three calls (three groups)
+    give the same N² up to float64 rounding, within SPEC's rtol of the
+    float64 reference."""
+    be = native_backend(device)
+    gen = torch.Generator().manual_seed(40)
+    grads = [torch.randn(s, generator=gen).to(device) for s in ((CHUNK + 7,), (300,), (0,),
+                                                               (5000,), (3, 11))]
+    exact = sum(float((g.double() ** 2).sum()) for g in grads)
+    kw = dict(beta2=BETA2, eps=EPS, precondition=False, grad_scale=None)
+    one = torch.zeros((), dtype=be.norm_dtype, device=device)
+    be.sq_norm(grads, None, None, out=one, **kw)
+    three = torch.zeros((), dtype=be.norm_dtype, device=device)
+    for part in (grads[:2], grads[2:4], grads[4:]):
+        be.sq_norm(part, None, None, out=three, **kw)
+    big = torch.full((), 1e8, dtype=be.norm_dtype, device=device)
+    be.sq_norm(grads, None, None, out=big, **kw)
+    assert be.norm_dtype == torch.float64
+    assert math.isclose(float(one), exact, rel_tol=1e-6)
+    assert math.isclose(float(three), float(one), rel_tol=8 * 2.0 ** -52)
+    assert abs((float(big) - 1e8) - float(one)) <= 1e8 * 2.0 ** -52
+    with pytest.raises(TypeError, match="float64"):   # a float32 accumulator is refused
+        be.sq_norm(grads, None, None, out=torch.zeros((), device=device), **kw)
+
+
 # ----------------------------------------------------------------------------
 # A. Empty tensors and many tensors
 # ----------------------------------------------------------------------------
@@ -1056,8 +1084,21 @@ def test_custom_ops_registered():
         assert hasattr(torch.ops.fsam_kernels, name)
 
 
-@pytest.mark.parametrize("device", DEVICES_ONE_ISA, indirect=True)
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def _with(targets, name, values, leave_out=()):
+    """``targets`` x ``values`` as params of ``("device", name)``, keeping each
+    target's marks; ``leave_out``: (target id, value) pairs not to run."""
+    out = []
+    for t in targets:
+        tv, marks, tid = (t.values[0], t.marks, t.id) if hasattr(t, "values") else (t, (), t)
+        out += [pytest.param(tv, v, marks=marks, id=f"{v}-{tid}") for v in values
+                if (tid, v) not in leave_out]
+    return out
+
+
+# the emulated kernels: the op path once (inductor would add compile time only)
+@pytest.mark.parametrize("device,compile_backend",
+                         _with(DEVICES_ONE_ISA, "compile_backend", ("aot_eager", "inductor"),
+                               leave_out={("cuda_emu", "inductor")}), indirect=["device"])
 def test_torch_compile_treats_ops_as_opaque(device, compile_backend):
     be = native_backend(device)
     st = make_state([(100,), (0,), (20, 5)], [torch.bfloat16, torch.float32, torch.float32],
