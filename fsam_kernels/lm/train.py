@@ -49,6 +49,15 @@ Output directory (``--out``, default ``runs/lm``):
 * ``ckpt/<optimizer>-seed<k>.pt``: model + optimizer state_dict + step + RNG
   state + the run's metrics, written at every evaluation; ``--resume``
   continues from them (the data position is the step).
+
+The output layer and its loss (``--head``): ``fused`` (default) computes the
+cross-entropy through :class:`fsam_kernels.heads.FusedLinearCrossEntropy`,
+which never materialises the (tokens x vocabulary) logits, and Functional-SAM
+records only (hidden states, logsumexp, labels) per micro-batch between its
+passes; ``plain`` computes the full logits and ``F.cross_entropy`` (and
+Functional-SAM keeps the logits-sized cotangent). ``--grad-accum K`` runs K
+micro-batches of ``--batch-size`` sequences per optimizer step (pass 1 over
+all of them, the ascent, pass 2 over the same ones: :func:`train_step`).
 """
 from __future__ import annotations
 
@@ -78,6 +87,9 @@ OPTIMIZERS = {
 }
 DEFAULT_OPTIMIZERS = "adamw,sam,fsam,psam,pfsam"
 
+#: --head choices (fsam_kernels.heads.FusedLinearCrossEntropy, or full logits)
+HEADS = ("fused", "plain")
+
 #: arguments that must match for --resume to continue a checkpoint
 _RESUME_KEYS = ("preset", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
                 "weight_decay", "betas", "eps", "rho", "prho", "corpus", "data", "tokenizer",
@@ -97,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. S-1) per optimizer")
     p.add_argument("--seed-offset", type=int, default=0, help="first seed")
     p.add_argument("--preset", default="small", help=f"model size: {', '.join(PRESETS)}")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per micro-batch (per step with --grad-accum 1)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="micro-batches of --batch-size sequences per optimizer step")
+    p.add_argument("--head", default="fused", choices=HEADS,
+                   help="fused: linear cross-entropy without the logits (fsam_kernels.heads); "
+                        "plain: full logits and F.cross_entropy")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (<= the preset's context)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1,
@@ -256,23 +274,129 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, batches, autocast) -> float:
-    """Mean cross-entropy (nats/token) over the fixed validation batches."""
+def evaluate(model, batches, autocast, head: str = "plain") -> float:
+    """Mean cross-entropy (nats/token) over the fixed validation batches
+    (``head="fused"``: through the fused head, without the logits)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
     count = 0
     for x, y in batches:
         with autocast():
-            logits = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            if head == "fused":
+                from ..heads import fused_linear_cross_entropy
+
+                s = fused_linear_cross_entropy(model.hidden(x), model.lm_head.weight, y,
+                                               reduction="sum")
+            else:
+                logits = model(x)
+                s = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        total += s.double()
         count += y.numel()
     model.train(was_training)
     return float(total.item() / count)
 
 
 def _resume_signature(args) -> dict:
-    return {k: getattr(args, k) for k in _RESUME_KEYS}
+    sig = {k: getattr(args, k) for k in _RESUME_KEYS}
+    sig["grad_accum"] = getattr(args, "grad_accum", 1)  # checkpoints before --grad-accum: 1
+    sig["head"] = getattr(args, "head", "plain")         # recorded, not compared (same math)
+    return sig
+
+
+def _resume_mismatch(saved: dict, now: dict) -> dict:
+    """{key: (saved, now)} of the signature entries that differ; the head is
+    not compared (fused and plain compute the same loss), and a checkpoint
+    written before --grad-accum existed counts as --grad-accum 1."""
+    out = {}
+    for k, v in now.items():
+        if k == "head":
+            continue
+        old = saved.get(k, 1 if k == "grad_accum" else None)
+        if old != v:
+            out[k] = (old, v)
+    return out
+
+
+def loss_and_output(model, x, y, autocast=contextlib.nullcontext, head: str = "fused"):
+    """``(output, loss)`` of one micro-batch, the closure convention of
+    fsam_kernels' optimizers: with the fused head the output is the head's
+    :class:`~fsam_kernels.heads.HeadOutput` and the loss its ``.loss``; with
+    the plain head the logits ``(B, T, V)`` and ``F.cross_entropy`` of them
+    (float32). The forward runs under ``autocast()``."""
+    if head not in HEADS:
+        raise ValueError(f"--head {head!r} is not one of {', '.join(HEADS)}")
+    with autocast():
+        if head == "fused":
+            out = model.fused_loss(x, y)
+            return out, out.loss
+        logits = model(x)
+    return logits, F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def train_step(model, opt, micro_batches, autocast=contextlib.nullcontext,
+               head: str = "fused") -> torch.Tensor:
+    """One optimizer step over ``micro_batches`` (a list of ``(x, y)``), the
+    loss being the mean over them; returns the mean pass-1 loss (detached).
+
+    AdamW: one backward of ``loss / K`` per micro-batch, then ``step()``.
+    SAM / FunctionalSAM with one micro-batch: ``opt.step(closure)``. With K > 1
+    the two-phase API: pass 1 over every micro-batch (Functional-SAM records
+    each one's cotangent: :class:`~fsam_kernels.heads.HeadRecorder` for the
+    fused head, :class:`~fsam_kernels.CotangentRecorder` for the logits),
+    ``first_step()``, pass 2 over the same micro-batches in the same order
+    (SAM: ``loss / K`` at θ+e; Functional-SAM: the replay of each record),
+    ``second_step()``.
+    """
+    from .. import CotangentRecorder
+    from ..heads import HeadRecorder
+    from ..optim import _SAMBase
+
+    k = len(micro_batches)
+    if k < 1:
+        raise ValueError("micro_batches: expected at least one (x, y) pair")
+    if not isinstance(opt, _SAMBase):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, y in micro_batches:
+            _, loss = loss_and_output(model, x, y, autocast, head)
+            (loss / k).backward()
+            total = total + loss.detach()
+        opt.step()
+        return total / k
+    if k == 1:
+        (x, y), = micro_batches
+        return opt.step(lambda: loss_and_output(model, x, y, autocast, head))
+    functional = opt._functional
+    rec = (HeadRecorder(opt) if head == "fused" else CotangentRecorder()) if functional else None
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in micro_batches:
+        out, loss = loss_and_output(model, x, y, autocast, head)
+        if rec is not None:
+            rec.capture(out)
+        (loss / k).backward()
+        total = total + loss.detach()
+    opt.first_step()
+    opt.zero_grad(set_to_none=True)
+    try:
+        for x, y in micro_batches:
+            if not functional:
+                _, loss = loss_and_output(model, x, y, autocast, head)
+                (loss / k).backward()
+            elif head == "fused":
+                with autocast():
+                    h1 = model.hidden(x)
+                rec.replay(h1)
+            else:
+                with autocast():
+                    z1 = model(x)
+                rec.replay(z1)
+    except BaseException:
+        opt.restore()
+        raise
+    opt.second_step()
+    return total / k
 
 
 # --------------------------------------------------------------------------- one run
@@ -289,15 +413,16 @@ def train_one(name: str, seed: int, args, data, val, device, autocast, records_o
     model = GPT(cfg).to(device)
     opt = make_optimizer(name, model, args)
     passes = 1 if OPTIMIZERS[name][0] is None else 2
-    tokens_per_step = args.batch_size * args.seq_len
+    accum = getattr(args, "grad_accum", 1)
+    head = getattr(args, "head", "plain")
+    tokens_per_step = args.batch_size * args.seq_len * accum
     step, elapsed, run_records = 0, 0.0, []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_n = 0
 
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        diff = {k: (ck["signature"].get(k), v) for k, v in _resume_signature(args).items()
-                if ck["signature"].get(k) != v}
+        diff = _resume_mismatch(ck["signature"], _resume_signature(args))
         if diff:
             what = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"--resume: checkpoint {ckpt_path} was written with other arguments ({what}); "
@@ -322,7 +447,7 @@ def train_one(name: str, seed: int, args, data, val, device, autocast, records_o
         nonlocal loss_sum, loss_n
         train_loss = float(loss_sum.item() / loss_n) if loss_n else None
         rec = {"optimizer": name, "seed": seed, "step": step, "tokens": step * tokens_per_step,
-               "train_loss": train_loss, "val_loss": evaluate(model, val, autocast),
+               "train_loss": train_loss, "val_loss": evaluate(model, val, autocast, head),
                "lr": lr_at(max(step - 1, 0), args), "elapsed_s": round(elapsed, 3),
                "tokens_per_s": round(step * tokens_per_step / elapsed, 1) if elapsed > 0 else None,
                "passes_per_step": passes}
@@ -350,26 +475,14 @@ def train_one(name: str, seed: int, args, data, val, device, autocast, records_o
     model.train()
     try:
         while step < end:
-            x, y = train_batch(data.train, args.batch_size, args.seq_len, seed, step, device)
+            # micro-batch j of step s is batch s*K + j (K = 1: batch s, as before)
+            micro = [train_batch(data.train, args.batch_size, args.seq_len, seed, step * accum + j,
+                                 device) for j in range(accum)]
             lr = lr_at(step, args)
             for g in opt.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-
-            def closure():
-                with autocast():
-                    logits = model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                return logits, loss
-
-            if passes == 1:
-                opt.zero_grad(set_to_none=True)
-                _, loss = closure()
-                loss.backward()
-                opt.step()
-                loss = loss.detach()
-            else:
-                loss = opt.step(closure)
+            loss = train_step(model, opt, micro, autocast, head)
             loss_sum += loss.double()
             loss_n += 1
             if device.type == "cuda":
@@ -480,6 +593,7 @@ def main(argv=None) -> int:
         parser.error(str(e) if str(e) else f"--betas must be 'b1,b2', got {args.betas!r}")
     for flag, v, ok in (("--steps", args.steps, args.steps >= 1), ("--seeds", args.seeds, args.seeds >= 1),
                         ("--batch-size", args.batch_size, args.batch_size >= 1),
+                        ("--grad-accum", args.grad_accum, args.grad_accum >= 1),
                         ("--seq-len", args.seq_len, args.seq_len >= 1),
                         ("--eval-every", args.eval_every, args.eval_every >= 1),
                         ("--diagnose-every", args.diagnose_every, args.diagnose_every >= 0),
