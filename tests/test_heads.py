@@ -126,7 +126,7 @@ def test_bad_input():
 class TinyLM(nn.Module):
     """Embedding → tanh MLP with a residual → LayerNorm → head (tied or not)."""
 
-    def __init__(self, vocab=40, d=16, tied=True, dtype=torch.float32):
+    def __init__(self, vocab=40, d=16, tied=True, dtype=torch.float32, impl="torch"):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.fc = nn.Linear(d, d)
@@ -134,7 +134,7 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.lm_head.weight = self.embed.weight
-        self.head = FusedLinearCrossEntropy(self.lm_head, chunk_size=7)
+        self.head = FusedLinearCrossEntropy(self.lm_head, chunk_size=7, impl=impl)
         self.to(dtype)
 
     def hidden(self, x):
@@ -434,3 +434,56 @@ def test_triton_equals_torch(dtype):
     _close(loss, ref, F32_TOL)
     for a, b in zip(torch.autograd.grad(loss, (hh, ww)), torch.autograd.grad(ref, (hh, ww))):
         _close(a, b, F32_TOL)
+
+
+@pytest.mark.skipif(not _triton_ok(), reason="Triton interpreter not available")
+def test_triton_head_in_functional_sam_step():
+    """FunctionalSAM.step(closure) through the Triton head equals the plain path."""
+    torch.manual_seed(18)
+    base = TinyLM(tied=True)
+    batches = _batches(1)
+    g_plain, _ = _run(copy.deepcopy(base), FunctionalSAM, False, "plain", batches, False, 1)
+    tri = copy.deepcopy(base)
+    tri.head.impl = "triton"
+    g_tri, _ = _run(tri, FunctionalSAM, False, "fused", batches, False, 1)
+    for n in g_plain:
+        _close(g_tri[n], g_plain[n], F32_TOL)
+
+
+# ------------------------------------------------------- fsam-train pieces
+@pytest.mark.parametrize("name", ["adamw", "sam", "fsam"])
+def test_train_step_fused_equals_plain_with_accumulation(name):
+    """fsam-train's step (``--grad-accum 2``) with ``--head fused`` equals
+    ``--head plain`` on the GPT, tied head, 2 steps."""
+    from types import SimpleNamespace
+
+    from fsam_kernels.lm.model import GPT, GPTConfig
+    from fsam_kernels.lm.train import make_optimizer, train_step
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16)
+    args = SimpleNamespace(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, rho=0.1,
+                           prho=0.2, backend="reference")
+    g = torch.Generator().manual_seed(5)
+    micro = [(torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g))
+             for _ in range(2)]
+    finals = {}
+    for head in ("fused", "plain"):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = make_optimizer(name, model, args)
+        losses = [float(train_step(model, opt, micro, head=head)) for _ in range(2)]
+        finals[head] = (losses, [p.detach().clone() for p in model.parameters()])
+    assert finals["fused"][0] == pytest.approx(finals["plain"][0], rel=F32_TOL)
+    for a, b in zip(finals["fused"][1], finals["plain"][1]):
+        _close(a, b, F32_TOL)
+
+
+def test_fsam_train_head_and_grad_accum_arguments(capsys):
+    from fsam_kernels.lm import train as lmtrain
+
+    with pytest.raises(SystemExit):
+        lmtrain.main(["--grad-accum", "0"])
+    assert "--grad-accum 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lmtrain.main(["--head", "none"])
+    assert "--head" in capsys.readouterr().err
