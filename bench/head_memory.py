@@ -135,6 +135,9 @@ def write_markdown(path: str, doc: dict) -> None:
                  f"{_gib(_peak(r, device)):.2f} | {r['step_s']:.2f} |")
     if doc.get("skipped"):
         L += ["", "Not measured: " + "; ".join(doc["skipped"])]
+    for run in doc.get("runs", [])[1:]:
+        L.append(f"- added by `{run['command']}` (load average {run['machine'].get('loadavg_start')}"
+                 f" to {run['machine'].get('loadavg_end')}, commit {run['machine'].get('git_commit')})")
     L += ["", "## The issue's targets", "", "| target | measured | |", "|---|---|---|"]
     for text, val, ok in targets(res, device):
         L.append(f"| {text} | {val} | {'PASS' if ok else 'MISS'} |")
@@ -157,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the cases of an existing results file that this run does not "
+                        "measure again (e.g. to add the largest cases in a second run)")
     p.add_argument("--case", help=argparse.SUPPRESS)   # internal: run one case, print JSON
     a = p.parse_args(argv)
     if a.case:
@@ -202,6 +208,18 @@ def main(argv=None) -> int:
                        for t, v, ok in targets(results, a.device)]}
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, f"head-memory-{a.device}")
+    if a.append and os.path.exists(base + ".json"):
+        with open(base + ".json") as f:
+            old = json.load(f)
+        key = lambda r: (r["optimizer"], r["head"], r["vocab"], r["micro_batches"])  # noqa: E731
+        new = {key(r) for r in results}
+        kept = [r for r in old["results"] if key(r) not in new]
+        doc["results"] = kept + results
+        doc["runs"] = old.get("runs", [{"command": old["command"], "machine": old["machine"]}])
+        doc["runs"].append({"command": doc["command"], "machine": machine})
+        doc["skipped"] = [s for s in old.get("skipped", []) + skipped]
+        doc["targets"] = [{"target": t, "measured": v, "pass": ok}
+                          for t, v, ok in targets(doc["results"], a.device)]
     with open(base + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     write_markdown(base + ".md", doc)

@@ -487,3 +487,15 @@ def test_fsam_train_head_and_grad_accum_arguments(capsys):
     with pytest.raises(SystemExit):
         lmtrain.main(["--head", "none"])
     assert "--head" in capsys.readouterr().err
+
+
+def test_example_fused_head_lm_tiny():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "python" / "fused_head_lm.py"
+    r = subprocess.run([sys.executable, str(path), "--tiny"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "closure step   2" in r.stdout and "accumulation step   2" in r.stdout
