@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         pass
     doc = {"schema": "fsam_kernels/bench-head-memory/1",
            "command": "nice -n 10 env OMP_NUM_THREADS=1 python bench/head_memory.py"
-                      + ("" if argv is None else " " + " ".join(argv)),
+                      + "".join(" " + x for x in (sys.argv[1:] if argv is None else argv)),
            "device": a.device, "machine": machine, "batch": a.batch, "seq": a.seq,
            "steps": a.steps, "steps_large": a.steps_large, "preset": a.preset, "results": results, "skipped": skipped,
            "targets": [{"target": t, "measured": v, "pass": ok}
