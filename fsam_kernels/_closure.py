@@ -156,6 +156,10 @@ def mark_output(opt, output: Tensor) -> Tensor:
     if opt._perturbed is None:                      # pass 1 at θ: record c0
         version = _theta_version(opt)
         _drop_stale(m, version)
+        if m and m[-1].cotangent is None:
+            # the previous mark's backward never ran (a batch skipped before its
+            # backward): it belongs to no step
+            m.pop()
         rec = _Record(version, tuple(output.shape))
 
         def hook(grad: Tensor, rec=rec) -> None:
