@@ -521,7 +521,7 @@ def build_case(case: Dict[str, Any], device: str) -> Case:
 
         return Case(step, lambda: [*ps, *g2, *ms, *vs, *steps])
 
-    bs = tuple(torch.empty_like(p) for p in ps)
+    bs = tuple(torch.zeros_like(p) for p in ps)  # zeros: two builds start bitwise equal
     pre = method == "psam"
     v_in = vs if pre else None
     s_in = steps if pre else None

@@ -136,3 +136,66 @@ def test_smoke_run_writes_sane_json(kernels_mod, tmp_path):
     assert m["cpu_model"] in text and "copy bandwidth" in text and "| sam | baseline |" in text
     rawj = json.loads(raw.read_text())
     assert len(rawj["benchmarks"]) == len(cases) + 1  # + the copy-bandwidth case
+
+
+def test_gpu_bench_cpu_path_smoke(tmp_path):
+    """bench/gpu_bench.py's CPU path at its smoke size: every section runs or says
+    why not, the JSON has the expected keys, and without a GPU the GPU-only
+    targets are N/A with a reason (no timing asserted)."""
+    import torch
+
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    import gpu_bench
+
+    rc = gpu_bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--budget-s", "120"])
+    res = json.loads((tmp_path / "gpu_bench.json").read_text())
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert res["schema"] == gpu_bench.SCHEMA and res["device"] == "cpu" and res["scale"] == "smoke"
+    assert res["failed_sections"] == [] and rc == 0, res["failed_sections"]
+    S = res["sections"]
+    assert set(S) == set(gpu_bench.SECTIONS) and set(res["section_seconds"]) == set(S)
+    for sec in S.values():
+        assert sec.get("failed", []) == [], sec["failed"]
+
+    cb = res["copy_bandwidth"]
+    assert _pos(cb["bytes_per_s"]) and cb["bytes"] == 8 * cb["numel"]
+    fused = [b for b in ("cpu", "foreach") if res["backends"][b]["available"]]
+    impls = {(r["method"], r["impl"]) for r in S["steps"]["rows"]}
+    for b in fused:
+        assert {("sam", b), ("psam", b), ("adamw", b)} <= impls
+    assert ("adamw", "torch-foreach") in impls
+    for r in S["steps"]["rows"]:
+        assert r["bytes_per_param"] == gpu_bench.kernels.BYTES_PER_PARAM[r["method"]]
+        assert r["model_bytes"] == r["bytes_per_param"] * r["n_params"]
+        assert _pos(r["ms_median"]) and _pos(r["bytes_per_s"]) and _pos(r["frac_copy_bw"])
+        assert r["launches"] is None  # counted on CUDA only
+
+    # 27 tensors and the many-small shape, every fused backend and method
+    la = S["launches"]["rows"]
+    assert {r["n_tensors"] for r in la} == {27, 300}
+    assert len(la) == 2 * 3 * len(fused) and all(r["launches"] is None for r in la)
+    gr = S["graph"]["rows"]
+    assert len(gr) == 2 * 3 * len(fused)
+    for r in gr:  # without CUDA: two eager runs from one start, compared bitwise
+        assert r["same_start"] and r["replayed"] == 0 and r["bitwise_equal"], r
+    e2e = {r["optimizer"]: r for r in S["e2e"]["rows"]}
+    assert S["e2e"]["preset"] == "tiny" and {"adamw", "sam", "fsam"} <= set(e2e)
+    assert e2e["adamw"]["vs_adamw"] == 1.0 and _pos(e2e["sam"]["vs_adamw"])
+
+    # skip reasons: what needs a GPU says so
+    reasons = {s["id"]: s["reason"] for sec in S.values() for s in sec.get("skipped", [])}
+    if not torch.cuda.is_available():
+        assert "needs CUDA" in reasons["launches"] and "needs CUDA" in reasons["graph"]
+        assert "cuda" in reasons["steps:cuda"]
+        assert "steps:triton" in reasons
+        targets = {t["target"]: t for t in res["targets"]}
+        for name, t in targets.items():
+            assert t["status"] == "N/A" and t["detail"], name
+        assert any("launches per step" in n for n in targets)
+        assert any("CUDA-graph" in n for n in targets)
+        assert any("end-to-end SAM" in n for n in targets)
+        assert sum("of copy bandwidth at 100M+" in n for n in targets) == 6
+    if not S["head"]["rows"]:
+        assert "head" in reasons
+    assert "| target | result | numbers |" in md and "copy bandwidth" in md
