@@ -77,12 +77,19 @@ def forward(h: Tensor, w: Tensor, labels: Tensor, ignore_index: int, cd: torch.d
         y = labels[s:e]
         valid = y != ignore_index
         safe = torch.where(valid, y, torch.zeros_like(y))
-        l_c = torch.logsumexp(z, dim=1)
-        lse[s:e] = l_c
         zy[s:e] = torch.where(valid, z.gather(1, safe.unsqueeze(1)).squeeze(1),
                               torch.zeros((), dtype=acc, device=h.device))
+        m = z.amax(dim=1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        ez = z.sub_(m).exp_()                     # z is not needed any more: in place
+        tot = ez.sum(dim=1, keepdim=True)
+        lse[s:e] = (m + tot.log()).squeeze(1)
         if coef is not None and (need_h or need_w):
-            c = _cotangent_(z, l_c, y, ignore_index, coef).to(cd)
+            # c = coef·valid·(exp(z − m)/Σ − onehot): one scaling pass and a scatter
+            r = coef * valid.to(acc)
+            c = ez.mul_(r.unsqueeze(1) / tot)
+            c.scatter_add_(1, safe.unsqueeze(1), -r.unsqueeze(1))
+            c = c.to(cd)
             if gh is not None:
                 gh[s:e] = c @ wc
             if gw is not None:
