@@ -22,11 +22,14 @@
 //   * __shfl_down_sync(mask, v, delta): every lane publishes v, waits for the
 //     other 31 lanes of its warp (a full mask is required), then reads lane
 //     + delta's value (its own beyond the warp), exactly the CUDA result.
-//   * After every barrier the ready fibers run in a new pseudo-random order
-//     (a fixed-seed xorshift: the same every run), so neither "writer first"
-//     nor "reader first" is favoured: a missing barrier makes a thread read
-//     a value not yet written (read-after-write) or already overwritten by
-//     the next phase (write-after-read).
+//   * Scheduling: a randomly chosen warp runs until none of its lanes can
+//     go on (all at __syncthreads or returned), its lanes in a random order,
+//     then another warp (a fixed-seed xorshift: the same order every run).
+//     So a warp runs ahead to the next block barrier, as on the GPU, and
+//     which warp goes first changes from barrier to barrier: a missing
+//     barrier makes a thread read a value not yet written (read-after-write)
+//     or already overwritten by a warp that ran ahead into the next phase
+//     (write-after-read).
 //   * A barrier that can never open (some threads at __syncthreads, others
 //     in a shuffle or gone) is reported as a launch error, not a hang.
 // - __shared__ variables are static storage in one linker section, filled
@@ -51,6 +54,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -131,11 +135,11 @@ struct Fiber {
 
 struct Block {
   std::vector<Fiber> fibers;
-  std::vector<int> order;          // the next round's schedule
   std::vector<int> warp_live;      // lanes of each warp not returned yet
   std::vector<int> warp_waiting;   // lanes of each warp in a warp-synchronous call
   std::vector<uint64_t> shfl;      // [2][warps][32] published shuffle values
   int live = 0, at_sync = 0, warps = 0;
+  uint64_t sync_epoch = 0;         // __syncthreads barriers opened so far
   ucontext_t scheduler;
   void (*invoke)(void*) = nullptr;
   void* body = nullptr;
@@ -191,6 +195,7 @@ inline void release_sync(Block* b) {
   for (Fiber& f : b->fibers)
     if (f.state == kAtSync) f.state = kReady;
   b->at_sync = 0;
+  ++b->sync_epoch;
 }
 
 inline void release_warp(Block* b, int w) {
@@ -285,27 +290,49 @@ inline void run_block(Block* b, size_t nthreads, const dim3& bdim) {
     f.ctx.uc_link = &b->scheduler;
     makecontext(&f.ctx, fiber_main, 0);
   }
-  b->order.resize(nthreads);
+  // Schedule: pick a random warp that has a ready lane and run that warp
+  // until none of its lanes is ready (all at __syncthreads, done, or the
+  // block is deadlocked); its lanes in a random order each pass. A warp thus
+  // runs ahead of the others up to the next block barrier, as warps do on
+  // the GPU, and the warps' order differs from barrier to barrier.
+  std::vector<int> warps;
+  int lanes[32];
   while (b->live > 0 && b->error.empty()) {
-    for (size_t i = 0; i < nthreads; ++i) b->order[i] = (int)i;
-    for (size_t i = nthreads; i > 1; --i) std::swap(b->order[i - 1], b->order[next_random() % i]);
-    bool ran = false;
-    for (int i : b->order) {
-      Fiber& f = b->fibers[i];
-      if (f.state != kReady) continue;
-      ran = true;
-      g_fiber = &f;
-      swapcontext(&b->scheduler, &f.ctx);
-      g_fiber = nullptr;
-      if (!b->error.empty()) return;
-    }
-    if (!ran) {
+    warps.clear();
+    for (int w = 0; w < b->warps; ++w)
+      for (size_t i = (size_t)w * 32; i < nthreads && i < (size_t)(w + 1) * 32; ++i)
+        if (b->fibers[i].state == kReady) {
+          warps.push_back(w);
+          break;
+        }
+    if (warps.empty()) {
       int at_sync = 0, at_warp = 0;
       for (const Fiber& f : b->fibers) at_sync += f.state == kAtSync, at_warp += f.state == kAtWarp;
       fail_block(b, "deadlock: " + std::to_string(at_sync) + " threads wait at " +
                         state_name(kAtSync) + ", " + std::to_string(at_warp) + " in " +
                         state_name(kAtWarp) + ", " + std::to_string(nthreads - b->live) +
                         " returned");
+      return;
+    }
+    const int w = warps[next_random() % warps.size()];
+    const int first = w * 32;
+    const int count = (int)std::min<size_t>(32, nthreads - (size_t)first);
+    const uint64_t epoch = b->sync_epoch;
+    // until the warp cannot go on, or a block barrier opens (then the next
+    // warp to run is drawn again: not always the one that arrived last)
+    for (bool ran = true; ran && b->sync_epoch == epoch;) {
+      ran = false;
+      for (int l = 0; l < count; ++l) lanes[l] = l;
+      for (int l = count; l > 1; --l) std::swap(lanes[l - 1], lanes[next_random() % l]);
+      for (int l = 0; l < count; ++l) {
+        Fiber& f = b->fibers[(size_t)first + lanes[l]];
+        if (f.state != kReady || b->sync_epoch != epoch) continue;
+        ran = true;
+        g_fiber = &f;
+        swapcontext(&b->scheduler, &f.ctx);
+        g_fiber = nullptr;
+        if (!b->error.empty()) return;
+      }
     }
   }
 }
