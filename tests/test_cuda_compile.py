@@ -35,15 +35,18 @@ def _cu_sources():
     return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".cu"))
 
 
-def test_cuda_sources_compile(tmp_path):
-    """Compile every .cu for sm_80 with the build's flags (the lowest target:
-    bf16/fp16 device code must be valid there)."""
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_sources_compile(tmp_path, arch):
+    """Compile every .cu for sm_80 (A100: the lowest target, bf16/fp16 device
+    code must be valid there) and sm_90 (H100/H200) with the build's flags.
+    The sources must not depend on the host emulation (FSAM_CUDA_EMULATE is
+    not defined here, so fsam/cuda_emu.h is never included)."""
     sources = _cu_sources()
     assert sources, "csrc/cuda has no .cu files"
     for src in sources:
         obj = tmp_path / (os.path.basename(src) + ".o")
         cmd = [NVCC, "-std=c++17", "-O1", "--fmad=false", "-Xcompiler", "-fPIC",
-               "-gencode", "arch=compute_80,code=sm_80",
+               "-gencode", f"arch=compute_{arch},code=sm_{arch}",
                "-I", os.path.join(ROOT, "csrc", "include"), "-c", src, "-o", str(obj)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, f"nvcc failed on {src}:\n{res.stdout}\n{res.stderr}"
