@@ -1082,7 +1082,8 @@ class _SAMBase(torch.optim.Optimizer):
                 f"closure: {type(self).__name__}.step needs a closure returning (output, loss) "
                 "(or one that runs backward itself and returns the loss); in a hand-written "
                 "loop call first_step() after pass 1, and second_step() (or step() with no "
-                "closure) after pass 2")
+                "closure) after pass 2; with the Hugging Face Trainer use "
+                "fsam_kernels.integrations.hf.SAMTrainer")
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         scaled = (lambda l: scaler.scale(l)) if scaler is not None else (lambda l: l)
         rng = _RNGState(self._devices()) if self.same_dropout_masks else None

@@ -393,14 +393,22 @@ def test_sam_trainer_resume_equals_continuing(cls, tmp_path):
 
 @needs_hf
 def test_trainer_errors_and_cache_hint(tmp_path):
-    """SAMTrainer refuses a non-SAM optimizer; an output holding a DynamicCache
-    in a forward-only closure gets the use_cache hint."""
+    """SAMTrainer refuses a non-SAM optimizer and sam_kwargs' model; a plain
+    Trainer with SAM names SAMTrainer; an output holding a DynamicCache in a
+    forward-only closure gets the use_cache hint."""
     ds = _Tokens()
     model = _gpt2()
     tr = _SequentialSAMTrainer(model=model, args=_args(tmp_path), train_dataset=ds,
                                optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     with pytest.raises(TypeError, match="SAM or FunctionalSAM"):
         tr.train()
+    plain = Trainer(model=model, args=_args(tmp_path), train_dataset=ds,
+                    optimizers=(SAM(model.parameters(), backend=BACKEND), None))
+    with pytest.raises(TypeError, match="integrations.hf.SAMTrainer"):
+        plain.train()                  # Trainer calls step() without a closure
+    with pytest.raises(ValueError, match="leave out 'model'"):
+        SAMTrainer(model=model, args=_args(tmp_path), train_dataset=ds,
+                   sam_kwargs={"model": model})
     cfg_model = _gpt2()
     cfg_model.config.use_cache = True
     ids = ds.ids[:2]
