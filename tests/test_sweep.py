@@ -289,3 +289,12 @@ def test_unigram_loss_by_hand():
     train = np.array([0, 0, 1, 2])  # counts + 1 over 4 ids: 3, 2, 2, 1 (of 8)
     got = S.unigram_loss(train, np.array([0, 3]), 4)
     assert got == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
+
+
+def test_new_fsam_train_option_at_its_default_still_matches(tmp_path):
+    cfg = {k: None for k in S._MATCH}
+    cfg["train_args"] = {"lr": 0.003}
+    S._atomic_json(str(tmp_path / "sweep.json"), {"config": cfg})
+    S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 8}})  # default
+    with pytest.raises(ValueError, match="--eval-batches was None, now 9"):
+        S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 9}})

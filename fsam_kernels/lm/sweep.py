@@ -310,14 +310,6 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def load_result(out: str, spec: RunSpec) -> dict | None:
-    path = os.path.join(out, "runs", spec.run_id, "result.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocast,
             diagnose: bool = True) -> dict:
     """Train (or resume) ``spec`` with :func:`fsam_kernels.lm.train.train_one`
@@ -748,8 +740,11 @@ def check_config(out: str, cfg: dict) -> None:
     old_ta, new_ta = old.get("train_args", {}), json.loads(json.dumps(cfg["train_args"]))
     diff = [f"{k} was {old.get(k)!r}, now {cfg[k]!r}" for k in _MATCH if k != "train_args"
             and json.loads(json.dumps(old.get(k))) != json.loads(json.dumps(cfg[k]))]
+    # an option fsam-train gained after the sweep started matches when it has its default value
+    defaults = json.loads(json.dumps(vars(T.build_parser().parse_args([])), default=str))
     diff += [f"--{k.replace('_', '-')} was {old_ta.get(k)!r}, now {new_ta.get(k)!r}"
-             for k in sorted(set(old_ta) | set(new_ta)) if old_ta.get(k) != new_ta.get(k)]
+             for k in sorted(set(old_ta) | set(new_ta)) if old_ta.get(k) != new_ta.get(k)
+             and not (k not in old_ta and k in defaults and new_ta.get(k) == defaults[k])]
     if diff:
         raise ValueError(f"--out {out} holds a sweep with other settings ({'; '.join(diff)}); "
                          "use the same settings or another --out")
