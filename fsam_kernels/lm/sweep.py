@@ -4,8 +4,9 @@ seeds, confidence intervals and a compute-matched AdamW baseline.
 Example (the committed study, ``bench/results/sweep-shakespeare-cpu/``)::
 
     fsam-sweep --out runs/sweep --optimizers adamw,sam,fsam,psam,pfsam \\
-        --rho 0.01,0.03,0.1,0.3 --prho 0.03,0.1,0.3,1.0 --seeds 0,1,2 \\
-        --steps 3000 --preset tiny --vocab-size 1024 --seq-len 64 --batch-size 16
+        --rho 0.003,0.01,0.03,0.1,0.3 --prho 0.01,0.03,0.1,0.3,1.0 --seeds 0,1,2 \\
+        --steps 3000 --evals 20 --preset tiny --vocab-size 1024 --seq-len 64 \\
+        --batch-size 16 --eval-batches 16 --test-batches 256 --threads 1
 
 Design (following issue 12 and Singh et al., arXiv 2502.02407, which tune ρ
 per variant and compare at an equal number of steps):
@@ -615,18 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fsam-sweep",
         description="Grid of optimizer x rho x seed: choose rho per optimizer on a validation split, "
-                    "report test loss with 95%% confidence intervals, the paired difference to AdamW, "
+                    "report test loss with 95% confidence intervals, the paired difference to AdamW, "
                     "a compute-matched AdamW, wall time, diagnostics and plots. Every fsam-train "
                     "training and data option (--preset, --batch-size, --seq-len, --lr, --warmup, "
                     "--weight-decay, --betas, --eps, --backend, --eval-batches, --device, --corpus, "
                     "--data, --tokenizer, --vocab-size, --val-fraction, --cache-dir, --max-chars, ...) "
-                    "is accepted and passed on to every run.",
+                    "is accepted and passed on to every run; the sweep's defaults differ from "
+                    "fsam-train's for --preset tiny --vocab-size 1024 --seq-len 64 --batch-size 16 "
+                    "--eval-batches 16 (the committed CPU study).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/sweep", help="sweep directory (runs/, report.*, plots)")
     p.add_argument("--optimizers", default=T.DEFAULT_OPTIMIZERS,
                    help=f"comma-separated subset of {','.join(T.OPTIMIZERS)}")
-    p.add_argument("--rho", default="0.01,0.03,0.1,0.3", help="rho grid of sam and fsam")
-    p.add_argument("--prho", default="0.03,0.1,0.3,1.0", help="rho grid of psam and pfsam")
+    p.add_argument("--rho", default="0.003,0.01,0.03,0.1,0.3", help="rho grid of sam and fsam")
+    p.add_argument("--prho", default="0.01,0.03,0.1,0.3,1.0", help="rho grid of psam and pfsam")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--select-seeds", default=None,
                    help="seeds on which the rho grid runs and rho is chosen (default: the first of --seeds)")
@@ -653,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: fsam-train options whose sweep default differs (those of the committed study)
+TRAIN_DEFAULTS = {"preset": "tiny", "vocab_size": 1024, "seq_len": 64, "batch_size": 16, "eval_batches": 16}
+
 #: fsam-train options the sweep sets itself (a user value is an error)
 _OWN = ("--optimizers", "--rho", "--prho", "--seeds", "--seed-offset", "--steps", "--out", "--resume",
         "--stop-after", "--eval-every", "--diagnose-every", "--threads", "--no-progress")
@@ -665,6 +671,7 @@ def parse_args(argv=None):
     args, rest = p.parse_known_args(argv)
     tp = T.build_parser()
     tp.prog = "fsam-sweep"
+    tp.set_defaults(**TRAIN_DEFAULTS)
     try:
         names = T.parse_optimizers(args.optimizers)
         rhos = parse_list("--rho", args.rho)
