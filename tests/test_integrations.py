@@ -256,11 +256,12 @@ def _groups(model):
              "weight_decay": 0.0}]
 
 
-def _hf_hand_loop(cls, steps, accum, clip, data, rho=0.05):
+def _hf_hand_loop(cls, steps, accum, clip, data, rho=0.05, bf16=False):
     """The SAM protocol by hand on the GPT-2 LM loss, as Trainer defines it:
     per optimizer step, loss of micro-batch k = Σ CE(shifted tokens) / N with N
     the window's count of predicted tokens (labels[..., 1:] != -100); linear lr
-    decay to 0 over `steps`; clipping of the pass-2 gradient."""
+    decay to 0 over `steps`; clipping of the pass-2 gradient; with bf16 every
+    forward in its own autocast region (as accelerate wraps the model)."""
     model = _gpt2()
     model.train()
     opt = cls(_groups(model), backend=BACKEND, lr=1e-2, rho=rho)
@@ -272,7 +273,8 @@ def _hf_hand_loop(cls, steps, accum, clip, data, rho=0.05):
         n_items = sum(int((lab[:, 1:] != -100).sum()) for _, lab in window)
 
         def lm_loss(ids, lab):
-            logits = model(input_ids=ids).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids).logits
             shift = nn.functional.pad(lab, (0, 1), value=-100)[:, 1:]
             return logits, nn.functional.cross_entropy(
                 logits.float().reshape(-1, VOCAB), shift.reshape(-1), ignore_index=-100,
@@ -310,18 +312,22 @@ def _window_data(ds):
 
 @needs_hf
 @pytest.mark.parametrize("cls", CLASSES)
-@pytest.mark.parametrize("accum", [1, 2])
-def test_sam_trainer_equals_hand_loop(cls, accum, tmp_path):
+@pytest.mark.parametrize("accum,bf16", [(1, False), (2, False), (2, True)])
+def test_sam_trainer_equals_hand_loop(cls, accum, bf16, tmp_path):
     """SAMTrainer, 2 optimizer steps with gradient accumulation 1 and 2, Trainer's
-    clipping on (max_grad_norm=0.05 is active) and its linear scheduler: the
+    clipping on (max_grad_norm=0.05 is active) and its linear scheduler, fp32 and
+    bf16 autocast (accelerate's, which hands back float32 copies of the logits:
+    Functional-SAM must still take c0 where the loss is computed): the
     parameters, the Adam state and the logged (pass-1) losses equal the hand loop."""
     ds = _Tokens()
     model = _gpt2()
     opt = cls(_groups(model), backend=BACKEND, lr=1e-2, rho=0.05)
-    tr = _SequentialSAMTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=accum),
+    tr = _SequentialSAMTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=accum,
+                                                       bf16=bf16),
                                train_dataset=ds, optimizers=(opt, None))
     tr.train()
-    ref_model, ref_opt, ref_losses = _hf_hand_loop(cls, 2, accum, 0.05, _window_data(ds))
+    ref_model, ref_opt, ref_losses = _hf_hand_loop(cls, 2, accum, 0.05, _window_data(ds),
+                                                   bf16=bf16)
     assert tr.state.global_step == 2
     named = dict(ref_model.named_parameters())
     for n, p in model.named_parameters():

@@ -21,7 +21,8 @@ that and changes only ``training_step``:
    checkpoints behave as with any optimizer. The logged training loss is the
    pass-1 loss (at θ).
 
-Functional-SAM: the model output ``z`` (``outputs.logits``; override
+Functional-SAM: the model output ``z`` (the logits, taken where the LM head
+produces them: :meth:`SAMTrainer.sam_output_module`; override it or
 :meth:`SAMTrainer.sam_output` for another model) gets a gradient hook in pass 1
 that records c0 = ∂ℓ/∂z of each micro-batch, and in pass 2 a hook that replaces
 the incoming gradient by that c0, so Trainer's own backward of the pass-2 loss
@@ -107,10 +108,22 @@ class SAMTrainer(Trainer):
         self._sam_phase = 0                     # 1 or 2 while a pass runs, else 0
 
     # -- what Functional-SAM back-propagates ----------------------------------
+    def sam_output_module(self, model) -> Optional[torch.nn.Module]:
+        """The module whose forward output is Functional-SAM's z: by default the
+        model's output embeddings (``get_output_embeddings()``, the LM head), so
+        z is the logits tensor the model's own loss is computed from, even where
+        accelerate hands back float32 copies of the outputs (``bf16=True``).
+        Override (or return None to use :meth:`sam_output`) for other models."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        get = getattr(unwrapped, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        return head if isinstance(head, torch.nn.Module) else None
+
     def sam_output(self, outputs: Any) -> Tensor:
-        """The model output z whose cotangent Functional-SAM replays: ``outputs.logits``
-        for a transformers ModelOutput (or dict with ``"logits"``). Override for
-        other models. Raises ``TypeError`` when there is none."""
+        """z when :meth:`sam_output_module` gives None: ``outputs.logits`` for a
+        transformers ModelOutput (or dict with ``"logits"``); it must be the
+        tensor the loss is computed from. Override for other models. Raises
+        ``TypeError`` when there is none."""
         z = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
         if not isinstance(z, Tensor):
             raise TypeError(
@@ -142,9 +155,25 @@ class SAMTrainer(Trainer):
         if phase == 0 or not isinstance(_unwrap(self.optimizer), FunctionalSAM):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
-        z = self.sam_output(outputs)
+        head = self.sam_output_module(model)
+        seen: List[Any] = []
+        handle = (head.register_forward_hook(lambda mod, args, out: seen.append(out))
+                  if head is not None else None)
+        try:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if head is None:
+            z = self.sam_output(outputs)
+        elif len(seen) == 1 and isinstance(seen[0], Tensor):
+            z = seen[0]
+        else:
+            raise RuntimeError(
+                f"SAMTrainer: the output module {type(head).__name__} ran {len(seen)} times in "
+                "one forward (or returned no tensor); override sam_output_module() to name "
+                "the module whose output the loss is computed from")
         if phase == 1:
             i = len(self._sam_cotangents)
             self._sam_cotangents.append(None)
