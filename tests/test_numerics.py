@@ -29,17 +29,14 @@ import torch
 from fsam_kernels import SAM
 from fsam_kernels.backends import get_backend
 from helpers import backend_device_params, within_ulps
-
 # ------------------------------------------------------------------ tolerances
-# SPEC §5 "float32 params: params and state within rtol 1e-6, atol 1e-7 after
-# 1 step, and after 10 steps within rtol 1e-5; N² within rtol 1e-6."
-F32_RTOL_1, F32_ATOL, F32_RTOL_10 = 1e-6, 1e-7, 1e-5
-NORM_RTOL = 1e-6
+# SPEC §5's float32 figures (F32_RTOL_1, F32_ATOL, F32_RTOL_10, NORM_RTOL), one
+# definition for every test file, in tests/helpers.py.
 # float64 rounding of N² (SPEC §1, §5: "changes nothing beyond float64 rounding
 # of N²"): N² is a sum of non-negative float64 partials (at most one per
 # element); two summation orders of n such terms differ by at most
-# 2 (n - 1) u N², u = 2^-53.
-U64 = 2.0 ** -53
+# 2 (n - 1) u N², u = U64 = 2^-53.
+from helpers import F32_ATOL, F32_RTOL_1, F32_RTOL_10, F64_SCALE_RTOL, NORM_RTOL, U64
 
 CASES = backend_device_params()
 
@@ -174,13 +171,13 @@ def assert_same_perturbation(a_list, b_list, initial, same_scale: bool, what: st
     by float64 rounding. When both N² round to the same float32 scale (always, but
     for N² within float64 rounding of a float32 rounding boundary) the
     perturbations are bitwise equal; otherwise the scales differ by at most
-    2^-22 (tests/test_triton.py, F64_SCALE_RTOL), which moves θ + e by at most one
+    2^-22 (tests/helpers.py, F64_SCALE_RTOL), which moves θ + e by at most one
     ulp of a 16/32-bit dtype, or by 2^-21 |e| for float64."""
     for i, (a, b, p0) in enumerate(zip(a_list, b_list, initial)):
         if same_scale:
             assert torch.equal(a, b), f"{what}[{i}] differs bitwise with the same scale"
         elif a.dtype == torch.float64:  # pragma: no cover - N² on a float32 boundary
-            assert bool(((a - b).abs() <= 2.0 ** -21 * (b - p0).abs()).all()), what
+            assert bool(((a - b).abs() <= F64_SCALE_RTOL * (b - p0).abs()).all()), what
         else:  # pragma: no cover
             assert within_ulps(a, b, 1), what
 

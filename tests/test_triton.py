@@ -33,30 +33,13 @@ RHO = 0.05
 NORM_EPS = 1e-12
 
 # ------------------------------------------------------------------ tolerances
-# Every tolerance of this file follows from docs/SPEC.md (never from what one
-# machine printed):
-# SPEC §5 "float32 params: params and state within rtol 1e-6, atol 1e-7 after
-# 1 step, and after 10 steps within rtol 1e-5; N² within rtol 1e-6."
-F32_RTOL_1, F32_ATOL, F32_RTOL_10 = 1e-6, 1e-7, 1e-5
-NORM_RTOL = 1e-6
-# SPEC §5 "bfloat16/float16 params: within 1 ulp of the parameter dtype; state
-# as fp32": _ulp below.
-# float64 params: SPEC §5 gives no figure; the arithmetic is float64 throughout
-# (SPEC notation: float64 state for float64 parameters), each value a few dozen
-# correctly rounded operations (≤ u = 2^-53 each), amplified only where the
-# bias corrections cancel: an error of k·u in β^t (k ≤ 64: β^t by squaring)
-# becomes k·u·β^t/(1-β^t) ≤ 64·u/(1-β2) ≈ 7e-12 for β2 = 0.999, t ≥ 1. Rounded
-# up: rtol 1e-10, and atol 1e-13 = 1e-10 × lr (an update term of size lr may
-# cancel the parameter).
-F64_RTOL, F64_ATOL = 1e-10, 1e-13
-# A float64 parameter's perturbation carries the float32 rounding of its scale
-# (SPEC §1: N² rounded once to float32, then sqrt, + ε_n and the division in
-# float32, "the product formed in float32"): two conforming backends whose N²
-# differ by float64 rounding may round N² to adjacent float32 values (2^-23
-# relative), which moves sqrt by ≤ 2^-24 + its own rounding 2^-24, and the sum
-# and division round once more each (2^-24): |Δscale| ≤ 2^-22·scale; a product
-# formed in float32 adds 2^-24 on each side. Bound: 1.5·2^-22 < 2^-21 of |e|.
-F64_SCALE_RTOL = 2.0 ** -21
+# Every tolerance of this file follows from ../shared/SPEC.md (never from what
+# one machine printed): F32_RTOL_1 / F32_ATOL / F32_RTOL_10 / NORM_RTOL are SPEC
+# §5's figures; F64_RTOL / F64_ATOL and F64_SCALE_RTOL (a float64 parameter's
+# perturbation carries the float32 rounding of its scale, SPEC §1) are derived
+# where they are defined, in tests/helpers.py; bf16/fp16 within one ulp: _ulp.
+from helpers import (F32_ATOL, F32_RTOL_1, F32_RTOL_10, F64_ATOL, F64_RTOL,  # noqa: E402
+                     F64_SCALE_RTOL, NORM_RTOL)
 
 
 @pytest.fixture
