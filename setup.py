@@ -14,8 +14,9 @@ behind a C API (csrc/include/fsam/capi.h), loaded with ctypes at run time.
   ``-DFSAM_CUDA_EMULATE -include fsam/cuda_emu.h`` (threads as fibers, real
   ``__syncthreads`` and warp shuffles, launches as host loops). The "cuda"
   backend runs it on CPU tensors when ``FSAM_CUDA_EMULATE=1`` is set before
-  fsam_kernels is imported (tests/test_cuda_emulated.py). A failing build
-  only warns (the emulated-CUDA tests then fail, saying so).
+  fsam_kernels is imported (tests/test_cuda_emulated.py); csrc/cuda_emu holds
+  the emulation's self-test kernels, built into this library only. A failing
+  build only warns (the emulated-CUDA tests then fail, saying so).
 
 The libraries are built by ``build_ext`` (so ``pip install -e .`` and
 ``pip install .`` both build them) and by ``python setup.py build_native``.
@@ -130,10 +131,11 @@ def build_native_libs(lib_dir, force=False):
 
     cuda_src = _sources("cuda", ".cu")
     emu_lib = os.path.join(lib_dir, "libfsam_cuda_emu.so")
-    if cuda_src and cxx is not None and (force or _stale(emu_lib, cuda_src + headers + [__file__])):
+    emu_src = cuda_src + _sources("cuda_emu", ".cu")   # + the emulation's self-tests
+    if cuda_src and cxx is not None and (force or _stale(emu_lib, emu_src + headers + [__file__])):
         tmp = emu_lib + ".tmp"
         try:
-            _run(cxx + CXX_FLAGS + ["-I", INCLUDE] + EMU_FLAGS + cuda_src + ["-o", tmp])
+            _run(cxx + CXX_FLAGS + ["-I", INCLUDE] + EMU_FLAGS + emu_src + ["-o", tmp])
             os.replace(tmp, emu_lib)
             built.append(emu_lib)
         except (subprocess.CalledProcessError, OSError) as exc:

@@ -68,6 +68,60 @@ def test_emulated_cuda_suite():
 
 
 # ---------------------------------------------------------------------------
+# The emulation itself (csrc/cuda_emu/emu_selftest.cu through ctypes: any process)
+# ---------------------------------------------------------------------------
+def _selftest(which, threads, n_out):
+    import ctypes
+
+    path = os.path.join(native.library_dir(), "libfsam_cuda_emu.so")
+    if os.environ.get("FSAM_NO_NATIVE") == "1":
+        pytest.skip("native libraries disabled (FSAM_NO_NATIVE=1)")
+    assert os.path.exists(path), f"{path} missing: setup.py's emulated CUDA build failed"
+    lib = ctypes.CDLL(path)
+    fn = lib.fsam_cuda_emu_selftest
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    out = torch.full((n_out,), -7.0, dtype=torch.float64)
+    msg = ctypes.create_string_buffer(512)
+    rc = fn(which, threads, out.data_ptr(), msg, 512)
+    return rc, out, msg.value.decode()
+
+
+@pytest.mark.parametrize("threads", [64, 128, 96])
+def test_emulated_syncthreads_is_a_barrier(threads):
+    """With __syncthreads every thread reads its neighbour's write; without it
+    some thread reads the neighbour's slot before it is written and gets the
+    poison (NaN): the emulation's barrier is real."""
+    rc, out, msg = _selftest(0, threads, threads)
+    assert rc == 0, msg
+    want = (torch.arange(threads, dtype=torch.float64) + 1) % threads
+    assert torch.equal(out, want)
+    rc, out, msg = _selftest(1, threads, threads)
+    assert rc == 0, msg
+    assert bool(out.isnan().any()), "a missing __syncthreads went unnoticed"
+    ok = ~out.isnan()
+    assert torch.equal(out[ok], want[ok])   # what was written is read right
+
+
+def test_emulated_shuffle_down_semantics():
+    """__shfl_down_sync(v, d): lane + d's value inside the warp, else its own."""
+    threads = 64
+    rc, out, msg = _selftest(2, threads, 3 * threads)
+    assert rc == 0, msg
+    out = out.view(threads, 3)
+    tid = torch.arange(threads)
+    for k, d in enumerate((1, 5, 16)):
+        want = torch.where(tid % 32 + d < 32, tid + d, tid).double()
+        assert torch.equal(out[:, k], want), f"delta {d}"
+
+
+def test_emulated_deadlock_is_a_launch_error():
+    """A barrier that can never open is reported (cudaGetLastError), not a hang."""
+    rc, _, msg = _selftest(3, 64, 64)
+    assert rc == 1 and "deadlock" in msg and "deadlock_kernel" in msg, msg
+
+
+# ---------------------------------------------------------------------------
 # In the emulated process
 # ---------------------------------------------------------------------------
 @in_emulated_process
