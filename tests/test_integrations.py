@@ -468,9 +468,12 @@ if HAS_PL:
             return manual_step(self, lambda: self._loss(batch))
 
 
-def _pl_hand_loop(cls, x, y, steps, batch=4, clip=None):
+def _pl_hand_loop(cls, x, y, steps, batch=4, clip=None, bf16=False):
     """The hand loop of Lightning's automatic optimization: each closure call
-    clips its own gradient (Lightning clips after every backward)."""
+    clips its own gradient (Lightning clips after every backward); bf16: each
+    forward and loss in its own autocast region (Lightning's "bf16-mixed")."""
+    def ac():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     opt = cls(net.parameters(), backend=BACKEND, lr=1e-2, rho=0.05)
@@ -479,16 +482,19 @@ def _pl_hand_loop(cls, x, y, steps, batch=4, clip=None):
         i = (s * batch) % len(x)
         xb, yb = x[i:i + batch], y[i:i + batch]
         opt.zero_grad(set_to_none=True)
-        z = net(xb)
-        loss = nn.functional.cross_entropy(z, yb)
+        with ac():
+            z = net(xb)
+            loss = nn.functional.cross_entropy(z, yb)
         c0 = torch.autograd.grad(loss, z, retain_graph=True)[0] if functional else None
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.first_step()
         opt.zero_grad(set_to_none=True)
-        z = net(xb)
-        z.backward(c0) if functional else nn.functional.cross_entropy(z, yb).backward()
+        with ac():
+            z = net(xb)
+            loss2 = None if functional else nn.functional.cross_entropy(z, yb)
+        z.backward(c0) if functional else loss2.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.second_step()
@@ -497,18 +503,25 @@ def _pl_hand_loop(cls, x, y, steps, batch=4, clip=None):
 
 @needs_pl
 @pytest.mark.parametrize("cls", CLASSES)
-def test_lightning_automatic_optimization_equals_hand_loop(cls):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_automatic_optimization_equals_hand_loop(cls, precision):
     """Lightning's closure (training_step + zero_grad + backward, returning the
-    loss) drives both passes; FunctionalSAM through mark_output; clipping on.
-    5 steps over 3 batches: parameters bitwise the hand loop, global_step 5."""
+    loss) drives both passes; FunctionalSAM through mark_output; clipping on;
+    fp32 and bf16 autocast. 5 steps over 3 batches: parameters bitwise the hand
+    loop, global_step 5. (Lightning's mixed-precision plugin refuses
+    gradient_clip_val for optimizers that unscale internally, as SAM declares:
+    no clipping under bf16; the optimizer's max_grad_norm clips instead.)"""
     loader, x, y = _loader()
     lit = _Lit(cls)
-    tr = _pl_trainer(max_steps=5, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    bf16 = precision == "bf16-mixed"
+    clip = None if bf16 else 0.05
+    tr = _pl_trainer(max_steps=5, gradient_clip_val=clip, gradient_clip_algorithm="norm",
+                     precision=precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr.fit(lit, loader)
     assert tr.global_step == 5 and lit.calls == 10          # two closure calls per step
-    ref = _pl_hand_loop(cls, x, y, 5, clip=0.05)
+    ref = _pl_hand_loop(cls, x, y, 5, clip=clip, bf16=bf16)
     for a, b in zip(lit.net.parameters(), ref.parameters()):
         assert torch.equal(a, b)
 

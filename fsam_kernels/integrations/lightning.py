@@ -23,7 +23,10 @@ checkpoints count it as one step. Consequences of the second call:
   the last micro-batch): ``step`` raises ``RuntimeError``. Use manual
   optimization to accumulate.
 * ``precision="16-mixed"`` (a GradScaler) is not supported (Lightning calls
-  ``scaler.step(optimizer)`` without the closure); use ``"bf16-mixed"``.
+  ``scaler.step(optimizer)`` without the closure); use ``"bf16-mixed"``, with
+  the optimizer's ``max_grad_norm=`` rather than ``gradient_clip_val`` (which
+  Lightning's mixed-precision plugin refuses for optimizers that unscale
+  internally, as SAM declares).
 * pass ``model=self`` to the optimizer in ``configure_optimizers`` so that
   BatchNorm statistics come from pass 1 only (``bn_clean_pass_only``).
 
