@@ -577,7 +577,15 @@ def section_head(ctx) -> Dict[str, Any]:
     w0 = (torch.randn(p["vocab"], p["d"], generator=g) * 0.02).to(dev)
     y = torch.randint(0, p["vocab"], (p["tokens"],), generator=g).to(dev)
     losses = {}
-    for impl in ("plain", "fused"):
+    impls = ["plain", "fused"]
+    try:
+        import inspect
+
+        if dev == "cuda" and "impl" in inspect.signature(fn).parameters:
+            impls.append("fused:torch")   # "fused" is impl="auto": Triton on CUDA
+    except (TypeError, ValueError):
+        pass
+    for impl in impls:
         try:
             h = h0.clone().requires_grad_()
             w = w0.clone().requires_grad_()
@@ -585,6 +593,8 @@ def section_head(ctx) -> Dict[str, Any]:
             def run():
                 if impl == "plain":
                     loss = F.cross_entropy(h @ w.T, y)
+                elif impl == "fused:torch":
+                    loss = fn(h, w, y, impl="torch")
                 else:
                     loss = fn(h, w, y)
                 loss.backward()
@@ -603,8 +613,9 @@ def section_head(ctx) -> Dict[str, Any]:
             out["failed"].append(dict(id=f"head:{impl}", error=_err(exc)))
         finally:
             _free(dev)
-    if "plain" in losses and "fused" in losses:
-        out["loss_abs_diff"] = abs(float(losses["plain"]) - float(losses["fused"]))
+    for k in losses:
+        if k != "plain" and "plain" in losses:
+            out.setdefault("loss_abs_diff", {})[k] = abs(float(losses["plain"]) - float(losses[k]))
     return out
 
 
@@ -706,6 +717,9 @@ def table_lines(res: Dict[str, Any]) -> List[str]:
     m = res["machine"]
     L.append(f"## gpu_bench: {res['device']} ({res['scale']}), {m.get('gpu_name') or m['cpu_model']}, "
              f"torch {m['torch']}, {res.get('wall_s', 0):.0f} s")
+    if res.get("note"):
+        L.append("")
+        L.append(f"note: {res['note']}")
     cb = S.get("copy")
     L.append("")
     L.append(f"copy bandwidth: " + (f"{cb['bytes_per_s'] / 1e9:.1f} GB/s "
