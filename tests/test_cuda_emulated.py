@@ -44,7 +44,9 @@ in_emulated_process = pytest.mark.skipif(
 
 #: what the emulated process runs (module docstring)
 SUITE = ["tests/test_native.py", "tests/test_backends.py", "tests/test_cuda_emulated.py"]
-SELECT = "(cuda_emu or cuda-cpu) and not test_emulated_cuda_suite"
+#: the tests of this file that only the parent (non-emulating) process runs
+PARENT_ONLY = ("test_emulated_cuda_suite", "test_cuda_backend_refuses_cpu_tensors_unless_emulated")
+SELECT = "(cuda_emu or cuda-cpu)" + "".join(f" and not {t}" for t in PARENT_ONLY)
 
 
 @pytest.mark.skipif(EMULATED, reason="this process is the emulated run itself")
@@ -65,6 +67,20 @@ def test_emulated_cuda_suite():
     # test_native ~85, test_backends ~29 and this file's cases: far fewer means
     # the selection lost its targets
     assert passed >= 100, f"only {passed} emulated CUDA cases ran:\n{tail}"
+
+
+@pytest.mark.skipif(EMULATED, reason="this process emulates CUDA")
+def test_cuda_backend_refuses_cpu_tensors_unless_emulated():
+    """Without FSAM_CUDA_EMULATE=1 at import, "cuda" is unavailable on CPU
+    tensors (the reason names the variable) and refuses them if called."""
+    from fsam_kernels.backends import backend_availability
+
+    ok, why = backend_availability("cuda", "cpu")
+    assert not ok and "FSAM_CUDA_EMULATE=1" in why
+    out = torch.zeros((), dtype=torch.float64)
+    with pytest.raises(ValueError, match="cuda backend: out is on cpu.*FSAM_CUDA_EMULATE=1"):
+        native.CUDABackend().sq_norm([torch.ones(3)], None, None, beta2=0.9, eps=0.0,
+                                     precondition=False, grad_scale=None, out=out)
 
 
 # ---------------------------------------------------------------------------
@@ -135,8 +151,10 @@ def test_emulated_build_is_used_and_never_auto():
     tile = int(lib.fsam_cuda_tile_size())
     assert tile == 2048 and native.cpu_library().fsam_cpu_chunk_size() % tile == 0
     assert get_backend("auto", "cpu").name == "cpu"
-    with pytest.raises(ValueError, match="cpu backend: the tensors are on"):
-        get_backend("cpu", "cpu")._route(torch.device("meta"))
+    with pytest.raises(ValueError, match="cpu backend: out is on meta"):
+        get_backend("cpu", "cpu").sq_norm([], None, None, beta2=0.9, eps=0.0, precondition=False,
+                                          grad_scale=None,
+                                          out=torch.zeros((), dtype=torch.float64, device="meta"))
 
 
 def _model(dtype=torch.float32):

@@ -1091,14 +1091,15 @@ class _NativeBackend(Backend):
     norm_dtype = torch.float64   # N² (SPEC §1): float64 partials and totals
     fused = True
 
-    def _route(self, device: torch.device):
-        """``(engine, op name prefix)`` for tensors on ``device`` (see the subclasses)."""
+    def _route(self, device: torch.device, what: str):
+        """``(engine, op name prefix)`` for tensors on ``device`` (the device of
+        the argument ``what``); ValueError for a device the backend does not run on."""
         raise NotImplementedError
 
     def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition, grad_scale, out,
                 cache=None):
         grads = _seq(grads)
-        engine, prefix = self._route(out.device)
+        engine, prefix = self._route(out.device, "out")
         if _eager(grads):
             return _sq_norm_impl(grads, _seq(exp_avg_sqs) if precondition else (),
                                  _seq(steps) if precondition else (), float(beta2), float(eps),
@@ -1111,7 +1112,7 @@ class _NativeBackend(Backend):
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq, norm_eps,
                 beta2, eps, precondition, grad_scale, found_inf, cache=None):
         params, grads = _seq(params), _seq(grads)
-        engine, prefix = self._route(found_inf.device)
+        engine, prefix = self._route(found_inf.device, "found_inf")
         if _eager(params, grads):
             return _perturb_impl(params, grads, _seq(backups),
                                  _seq(exp_avg_sqs) if precondition else (),
@@ -1127,7 +1128,7 @@ class _NativeBackend(Backend):
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
                       beta2, eps, weight_decay, maximize, grad_scale, found_inf, cache=None):
         params, grads = _seq(params), _seq(grads)
-        engine, prefix = self._route(found_inf.device)
+        engine, prefix = self._route(found_inf.device, "found_inf")
         if _eager(params, grads):
             return _restore_adamw_impl(
                 params, grads, _seq(backups), backups is not None, _seq(exp_avgs),
@@ -1143,7 +1144,7 @@ class _NativeBackend(Backend):
         params = _seq(params)
         if not params:
             return
-        engine, prefix = self._route(params[0].device)
+        engine, prefix = self._route(params[0].device, "params[0]")
         if _eager(params):
             return _restore_impl(params, _seq(backups), cache, engine)
         getattr(torch.ops.fsam_kernels, prefix + "restore")(list(params), list(backups))
@@ -1154,9 +1155,9 @@ class CPUBackend(_NativeBackend):
 
     name = "cpu"
 
-    def _route(self, device):
+    def _route(self, device, what):
         if device.type != "cpu":
-            raise ValueError(f"cpu backend: the tensors are on {device}; it runs on CPU tensors "
+            raise ValueError(f"cpu backend: {what} is on {device}; it runs on CPU tensors "
                              f"(backend='cuda' or 'auto' for CUDA tensors)")
         return None, ""
 
@@ -1181,12 +1182,12 @@ class CUDABackend(_NativeBackend):
 
     name = "cuda"
 
-    def _route(self, device):
+    def _route(self, device, what):
         if device.type == "cuda":
             return None, ""
         if device.type == "cpu" and CUDA_EMULATED:
             return "cuda", "cuda_emu_"
-        raise ValueError(f"cuda backend: the tensors are on {device}; it runs on CUDA tensors "
+        raise ValueError(f"cuda backend: {what} is on {device}; it runs on CUDA tensors "
                          f"(and on CPU tensors through its emulated host build only when "
                          f"FSAM_CUDA_EMULATE=1 is set before fsam_kernels is imported)")
 
