@@ -46,7 +46,7 @@ in_emulated_process = pytest.mark.skipif(
 SUITE = ["tests/test_native.py", "tests/test_backends.py", "tests/test_cuda_emulated.py"]
 #: the tests of this file that only the parent (non-emulating) process runs
 PARENT_ONLY = ("test_emulated_cuda_suite", "test_cuda_backend_refuses_cpu_tensors_unless_emulated")
-SELECT = "(cuda_emu or cuda-cpu)" + "".join(f" and not {t}" for t in PARENT_ONLY)
+SELECT = "(cuda_emu or cuda-cpu or test_cuda_emulated)" + "".join(f" and not {t}" for t in PARENT_ONLY)
 
 
 @pytest.mark.skipif(EMULATED, reason="this process is the emulated run itself")
