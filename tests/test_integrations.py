@@ -563,53 +563,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pytest.param("hf_trainer.py", ["--fsam", "--model", "llama", "--precondition"], marks=needs_hf),
     pytest.param("lightning_sam.py", ["--fsam"], marks=needs_pl),
 ])
-def test_integration_examples_run(script, args):
-    import subprocess
+def test_integration_examples_run(script, args, monkeypatch, capsys):
+    """Smoke run with --tiny, in this process (transformers / lightning are
+    imported already); the example asserts its own step count and finite
+    losses."""
+    import runpy
     import sys
 
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "python", script), "--tiny", *args],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "steps" in r.stdout or "global_step" in r.stdout
-
-
-def test_mark_output_records_are_per_step():
-    """mark_output keeps one record per pass-1 micro-batch, in order (gradient
-    accumulation: equal to the hand loop with a c0 per micro-batch); a mark
-    whose backward never ran (a skipped batch) is dropped; more pass-2 marks
-    than pass-1 marks, or fewer, raise."""
-    g = torch.Generator().manual_seed(2)
-    mbs = [(torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
-           for _ in range(3)]
-    m1, m2 = _mlp(), _mlp()
-    o1 = FunctionalSAM(m1.parameters(), backend=BACKEND, lr=1e-2)
-    o2 = FunctionalSAM(m2.parameters(), backend=BACKEND, lr=1e-2)
-    for _ in range(2):
-        _hand_step(o1, m1, mbs, True)
-        o2.zero_grad()
-        o2.mark_output(m2(mbs[0][0]))              # skipped: no backward
-        for x, y in mbs:
-            (nn.functional.cross_entropy(o2.mark_output(m2(x)), y) / len(mbs)).backward()
-        o2.first_step()
-        o2.zero_grad()
-        for x, y in mbs:
-            (nn.functional.cross_entropy(o2.mark_output(m2(x)), y) / len(mbs)).backward()
-        o2.step()
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-    x, y = mbs[0]
-    nn.functional.cross_entropy(o2.mark_output(m2(x)), y).backward()
-    o2.first_step()
-    nn.functional.cross_entropy(o2.mark_output(m2(x)), y).backward()
-    with pytest.raises(RuntimeError, match="more often than in pass 1"):
-        o2.mark_output(m2(x))
-    o2.restore()
-    theta = [p.detach().clone() for p in m2.parameters()]
-    for _ in range(2):
-        nn.functional.cross_entropy(o2.mark_output(m2(x)), y).backward()
-    o2.first_step()
-    nn.functional.cross_entropy(o2.mark_output(m2(x)), y).backward()
-    with pytest.raises(RuntimeError, match="not marked in pass 2"):
-        o2.step()
-    assert all(torch.equal(p, t) for p, t in zip(m2.parameters(), theta))   # restored
+    path = os.path.join(ROOT, "python", script)
+    monkeypatch.setattr(sys, "argv", [path, "--tiny", *args])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "steps" in out or "global_step" in out
