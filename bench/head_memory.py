@@ -35,7 +35,7 @@ MICROS = (1, 8)
 
 
 def run_case(opt_name: str, head: str, vocab: int, micro: int, device: str, steps: int,
-             batch: int, seq: int, preset: str) -> dict:
+             batch: int, seq: int, preset: str, warmup: int = 1) -> dict:
     """One case in this process: returns peak memory and step times."""
     import torch
 
@@ -60,17 +60,17 @@ def run_case(opt_name: str, head: str, vocab: int, micro: int, device: str, step
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
-    for i in range(1 + steps):
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
         loss = train_step(model, opt, mbs, head=head)
         float(loss)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i > 0:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     out = {"optimizer": opt_name, "head": head, "vocab": vocab, "micro_batches": micro,
            "tokens_per_micro_batch": batch * seq, "step_s": min(times), "step_s_all": times,
-           "loss": float(loss), "rss_before_step_bytes": rss_before,
+           "warmup_steps": warmup, "loss": float(loss), "rss_before_step_bytes": rss_before,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "threads": torch.get_num_threads()}
     if dev.type == "cuda":
@@ -124,15 +124,15 @@ def write_markdown(path: str, doc: dict) -> None:
          f"- load average at start {m.get('loadavg_start')}, end {m.get('loadavg_end')} "
          "(other processes shared the cores: step times are noisy)",
          f"- small preset (d_model 128, 4 layers), micro-batches of "
-         f"{doc['batch']} x {doc['seq']} tokens, float32; one warm-up step, step time = the "
-         f"fastest of the timed steps ({doc['steps']}; {doc['steps_large']} at vocabulary "
-         f"131072); {unit} of a fresh process per case",
-         "", f"| optimizer | head | vocab | micro-batches | {unit} | step s |",
-         "|---|---|---|---|---|---|"]
+         f"{doc['batch']} x {doc['seq']} tokens, float32; one warm-up step (column warm-up), "
+         f"step time = the fastest of the timed steps ({doc['steps']}; {doc['steps_large']} at "
+         f"vocabulary 131072); {unit} of a fresh process per case",
+         "", f"| optimizer | head | vocab | micro-batches | {unit} | step s | warm-up |",
+         "|---|---|---|---|---|---|---|"]
     for r in sorted(res, key=lambda r: (r["vocab"], r["micro_batches"], OPTIMIZERS.index(r["optimizer"]),
                                         HEADS.index(r["head"]))):
         L.append(f"| {r['optimizer']} | {r['head']} | {r['vocab']} | {r['micro_batches']} | "
-                 f"{_gib(_peak(r, device)):.2f} | {r['step_s']:.2f} |")
+                 f"{_gib(_peak(r, device)):.2f} | {r['step_s']:.2f} | {r.get('warmup_steps', 1)} |")
     if doc.get("skipped"):
         L += ["", "Not measured: " + "; ".join(doc["skipped"])]
     for run in doc.get("runs", [])[1:]:
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", default=",".join(map(str, VOCABS)))
     p.add_argument("--micro", default=",".join(map(str, MICROS)))
     p.add_argument("--steps", type=int, default=2, help="timed steps per case")
+    p.add_argument("--warmup-large", type=int, default=1, choices=(0, 1),
+                   help="warm-up steps of the vocabulary >= 131072 cases")
     p.add_argument("--steps-large", type=int, default=1,
                    help="timed steps of the vocabulary >= 131072 cases (each step is long)")
     p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
@@ -164,11 +166,12 @@ def main(argv=None) -> int:
                    help="keep the cases of an existing results file that this run does not "
                         "measure again (e.g. to add the largest cases in a second run)")
     p.add_argument("--case", help=argparse.SUPPRESS)   # internal: run one case, print JSON
+    p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)  # internal
     a = p.parse_args(argv)
     if a.case:
         o, h, v, m = a.case.split(":")
         print("RESULT " + json.dumps(run_case(o, h, int(v), int(m), a.device, a.steps, a.batch,
-                                              a.seq, a.preset)))
+                                              a.seq, a.preset, a.warmup)))
         return 0
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from kernels import machine_info
@@ -181,8 +184,10 @@ def main(argv=None) -> int:
              for o in a.optimizers.split(",") for h in a.heads.split(",")]
     for o, h, v, m in cases:
         steps = a.steps if v < 131072 else a.steps_large
+        warm = 1 if v < 131072 else a.warmup_large
         cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{o}:{h}:{v}:{m}",
-               "--device", a.device, "--steps", str(steps), "--batch", str(a.batch),
+               "--device", a.device, "--steps", str(steps), "--warmup", str(warm),
+               "--batch", str(a.batch),
                "--seq", str(a.seq), "--preset", a.preset]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -265,8 +265,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
         ignore_index: label value whose tokens add nothing (torch's default -100).
         reduction: "mean" (over non-ignored tokens; nan when all are ignored,
             as torch) or "sum".
-        chunk_size: tokens per chunk (default 2**21 // V: 8 MiB of float32
-            logits per chunk).
+        chunk_size: tokens per chunk (default max(256, 2**21 // V): 8 MiB of
+            float32 logits per chunk, but at least 256 tokens, since every
+            chunk reads the whole weight).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
 
     Returns a 0-d loss in float32 (float64 for float64 operands). Under
@@ -276,7 +277,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *
 
     Raises ``TypeError``/``ValueError`` naming ``hidden``, ``weight``,
     ``labels``, ``reduction``, ``chunk_size`` or ``impl`` for bad input
-    (labels out of range, shape, dtype or device mismatches).
+    (labels out of range, shape, dtype or device mismatches). The label range
+    check reads one flag back from the device per call (one sync on a GPU).
     """
     return _call(hidden, weight, labels, ignore_index, reduction, chunk_size, impl, None)
 
