@@ -50,6 +50,7 @@ _data_ptr = Tensor.data_ptr
 _STRIDED = {torch.strided}
 _PLAIN_GRAD = {Tensor}
 _Param = torch.nn.Parameter
+_PARAM_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def grads_of(params) -> list:
@@ -157,6 +158,9 @@ class FirstPlan:
         for i, p in enumerate(params):
             if grads[i] is None:
                 continue
+            if p.layout is not torch.strided or p.dtype not in _PARAM_DTYPES:
+                gi = next(j for j, g in enumerate(opt.param_groups) if g is group)
+                opt._check_param(p, gi, i)       # raises, naming the parameter
             d = p.device
             c = calls.get(d)
             if c is None:
@@ -208,7 +212,7 @@ class SecondPlan:
     (``clip``: the update gradient's norm, the inf/NaN check)."""
 
     __slots__ = ("params", "shapes", "mask", "perturbed", "backups", "state", "sds", "ms", "vs",
-                 "ts", "without", "restored", "fresh", "clip", "devs")
+                 "ts", "without", "restored", "fresh", "clip", "devs", "matched")
 
     @classmethod
     def build(cls, opt, group, grads, mask, perturbed, backups) -> Optional["SecondPlan"]:
@@ -225,9 +229,11 @@ class SecondPlan:
         if devs is None:
             return None
         sd_of = {}
+        matched = 0
         for i, p in enumerate(params):
             d = p.device
             k = id(p)
+            matched += k in bmap
             if grads[i] is None:
                 if k in bmap:
                     c = without.get(d) or without.setdefault(d, _Call(d))
@@ -266,6 +272,9 @@ class SecondPlan:
         self.vs = tuple(sd_of[i]["exp_avg_sq"] for i in order)
         self.ts = tuple(sd_of[i]["step"] for i in order)
         self.devs = devs
+        #: how many of ``perturbed`` are in this group (all of them unless the
+        #: groups were reordered or changed between the two phases)
+        self.matched = matched
         return self
 
     def valid(self, opt, group, mask, perturbed, backups) -> bool:

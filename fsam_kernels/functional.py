@@ -251,6 +251,16 @@ class _Slot:
         self.deps = _dependencies(items)
 
 
+_NO_COTANGENT_MSG = (
+    "CotangentRecorder: the captured output's backward hook received no gradient (None): "
+    "the output and the loss were computed in one torch.compile graph (e.g. "
+    "torch.compile(FunctionalSAM.step), or a compiled function that returns both), so "
+    "autograd has no edge from the output to the loss and c0 = d loss / d output cannot "
+    "be recorded. Compile the model instead (torch.compile(model)) and call the "
+    "optimizer's step eagerly, or compile first_step/second_step (docs/loops.md, "
+    "torch.compile)")
+
+
 class CotangentRecorder:
     """Records ∂ℓ/∂z of each pass-1 micro-batch and replays it in pass 2.
 
@@ -298,9 +308,6 @@ class CotangentRecorder:
         z = select_output(output, self.output, argname=argname)
         return differentiable_items(z, argname=argname)
 
-    # run eagerly under torch.compile: dynamo's hooks on intermediate tensors
-    # of a compiled region get None instead of the gradient (torch 2.13)
-    @torch.compiler.disable
     def capture(self, output: Any, *, argname: str = "output") -> Any:
         """Register hooks recording ∂ℓ/∂z of the selected model output z;
         returns ``output`` unchanged. ``argname`` names the output in errors."""
@@ -308,6 +315,8 @@ class CotangentRecorder:
         slot = _Slot(items, argname)
         for i, (_, t) in enumerate(items):
             def hook(grad, i=i, slot=slot):
+                if grad is None:       # only under torch.compile (see _NO_COTANGENT_MSG)
+                    raise RuntimeError(_NO_COTANGENT_MSG)
                 slot.cotangents[i] = grad.detach()
             slot.handles.append(t.register_hook(hook))
         self._slots.append(slot)

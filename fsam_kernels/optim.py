@@ -33,6 +33,8 @@ fsam_kernels/distributed.py).
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import numbers
 import operator
@@ -40,6 +42,12 @@ from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+# imported here, not lazily inside the first optimizer's __init__ (torch's
+# @_disable_dynamo on Optimizer.add_param_group imports it on first use): its
+# import leaves a frame cycle (torch.fx.wrap keeps its caller's frame) holding
+# every frame of the importing call stack, which would keep that first
+# optimizer alive until the garbage collector runs
+import torch._dynamo  # noqa: F401
 from torch import Tensor
 
 from .backends import BACKEND_NAMES, Backend, get_backend
@@ -64,6 +72,65 @@ _SCALER_STEP_MSG = (
     "in both passes and each pass unscaled once); call "
     "optimizer.step(closure, grad_scaler=scaler) and then scaler.update(), or in a "
     "hand-written loop first_step(grad_scaler=scaler) / second_step(grad_scaler=scaler)")
+
+
+def _theta_changed() -> None:
+    """θ was changed in place (θ → θ + e, or back): drop autocast's cached
+    low-precision copies of the weights (``torch.clear_autocast_cache``; one
+    thread-local cache for every device type and dtype), which were made at the
+    old θ. Without this a pass 2 inside the same ``torch.autocast`` block as
+    pass 1 would compute at θ (the cast copies), not θ + e."""
+    torch.clear_autocast_cache()
+
+
+def _compile_safe(t: Tensor) -> Tensor:
+    """Under torch.compile, a 0-d float64 CPU tensor as a 1-element 1-d view of
+    itself (same storage); any other tensor unchanged.
+
+    torch 2.13's AOTAutograd drops in-place writes into a 0-d float64 (or
+    integer) CPU tensor that is an input of a compiled graph: such inputs are
+    treated as Python scalars (their ``item()`` becomes a symbol), and after
+    the float-specialisation restart the mutation is lost. Every
+    ``x.add_``/``x.copy_`` of a backend on the N² accumulator (float64, SPEC
+    §1) or on a 0-d float64 parameter, backup or moment then silently did
+    nothing (N² read as 0: a perturbation of 1e11, NaN from the second step).
+    Writes through a 1-d view are kept. Minimal reproduction::
+
+        def f(out): out.add_(1.0)
+        out = torch.zeros((), dtype=torch.float64)
+        torch.compile(f, backend="aot_eager")(out)   # out stays 0
+    """
+    if t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu":
+        return t.view(1)
+    return t
+
+
+def _compile_safe_all(ts):
+    """``_compile_safe`` of every tensor of a list under torch.compile (eager: ``ts``)."""
+    if ts is None or not torch.compiler.is_compiling():
+        return ts
+    return [_compile_safe(t) for t in ts]
+
+
+def _compile_safe_out(t: Tensor) -> Tensor:
+    """``_compile_safe`` of one tensor under torch.compile (eager: ``t``)."""
+    return _compile_safe(t) if torch.compiler.is_compiling() else t
+
+
+#: backends whose steps run eagerly inside a torch.compile'd region (one graph
+#: break around each phase): the reference backend reads device values on the
+#: host (``.item()``, a graph break at every call) and the Triton backend
+#: launches its kernels from Python with device pointer tables, which dynamo
+#: cannot trace (fake tensors have no data pointers; under TRITON_INTERPRET it
+#: would trace the interpreter). Traced piecewise, every small helper of the
+#: phase became its own graph, recompiled per parameter.
+_EAGER_UNDER_COMPILE = frozenset({"reference", "triton"})
+
+
+@torch.compiler.disable
+def _eagerly(fn, *args):
+    """``fn(*args)`` outside any torch.compile graph."""
+    return fn(*args)
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -364,6 +431,14 @@ class _SAMBase(torch.optim.Optimizer):
             self._backends[device] = b
         return b
 
+    def _phase(self, fn):
+        """``fn``, or under torch.compile with a backend of ``_EAGER_UNDER_COMPILE``
+        the same run eagerly (``_eagerly``)."""
+        if torch.compiler.is_compiling() and any(
+                b.name in _EAGER_UNDER_COMPILE for b in self._backends.values()):
+            return functools.partial(_eagerly, fn)
+        return fn
+
     @property
     def backends(self) -> Dict[str, str]:
         """Backend chosen per device, e.g. ``{"cpu": "cpu"}``."""
@@ -384,7 +459,32 @@ class _SAMBase(torch.optim.Optimizer):
             else:
                 state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+        elif not is_dtensor(p):
+            self._match_state(p, state)
         return state
+
+    @staticmethod
+    def _match_state(p: Tensor, state: Dict[str, Tensor]) -> None:
+        """Existing state follows its parameter after ``model.double()``,
+        ``model.to(memory_format=torch.channels_last)`` or ``model.to(device)``
+        between steps: exp_avg/exp_avg_sq are copied (values kept; float32 to
+        float64 exact, float64 to float32 rounded once, as
+        ``torch.optim.Optimizer.load_state_dict`` casts) to the dtype the
+        parameter's state has (``_state_dtype``) and to the parameter's device
+        and memory layout, and ``step`` to its device. A state tensor of another
+        shape is left alone (the backends raise, naming it)."""
+        sd = _state_dtype(p)
+        dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                continue
+            if t.dtype != sd or t.device != p.device or (dense and t.stride() != p.stride()):
+                state[key] = torch.empty_like(p, dtype=sd, memory_format=torch.preserve_format
+                                              ).copy_(t)
+        t = state.get("step")
+        if isinstance(t, Tensor) and t.device != p.device:
+            state["step"] = t.to(p.device)
 
     def _backup_for(self, p: Tensor) -> Tensor:
         """The backup of ``p``'s local tensor (a plain tensor, also for DTensors)."""
@@ -401,6 +501,42 @@ class _SAMBase(torch.optim.Optimizer):
             f = torch.zeros((), dtype=torch.float32, device=device)
             self._found_inf[device] = f
         return f
+
+    @staticmethod
+    def _check_param(p: Tensor, gi: int, i: int) -> None:
+        """A parameter the ascent will write: dense (strided) floating point,
+        as ``add_param_group`` checks (a tensor put into ``param_groups``
+        directly, or changed since, is checked again before anything moves)."""
+        if p.layout != torch.strided:
+            raise TypeError(f"param_groups[{gi}] param {i}: has layout {p.layout}; only dense "
+                            "(strided) parameters are supported")
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"param_groups[{gi}] param {i}: has dtype {p.dtype}, expected "
+                            "float16, bfloat16, float32 or float64")
+
+    def _perturb_done(self, backend: Backend, ps, bs) -> None:
+        """Record a perturb call of the running first_step (undone if a later one raises)."""
+        done = self._step_vars.get("perturb_calls")
+        if done is not None:
+            done.append((backend, ps, bs))
+
+    def _run_step_hooks(self, pre: bool) -> None:
+        """The step pre- or post-hooks (global and this optimizer's, torch order),
+        called as for ``step()`` without arguments: ``hook(self, (self,), {})``.
+        A pre-hook may return None or an (args, kwargs) pair (ignored here)."""
+        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+        if pre:
+            hooks = (list(_global_optimizer_pre_hooks.values())
+                     + list(self._optimizer_step_pre_hooks.values()))
+        else:
+            hooks = (list(self._optimizer_step_post_hooks.values())
+                     + list(_global_optimizer_post_hooks.values()))
+        for hook in hooks:
+            result = hook(self, (self,), {})
+            if pre and result is not None and not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"step pre-hook {hook!r} must return None or a tuple of "
+                                   f"(new_args, new_kwargs), but got {result!r}")
 
     @staticmethod
     def _check_grad(p: Tensor, gi: int, i: int, which: str) -> None:
@@ -455,16 +591,53 @@ class _SAMBase(torch.optim.Optimizer):
         ``torch.amp.GradScaler`` whose scale is used as ``grad_scale`` (the
         grads came from ``scaler.scale(loss).backward()``). Raises
         ``RuntimeError`` if called twice without ``second_step()``.
+
+        Outside ``step()`` it runs the optimizer's step pre-hooks first
+        (``register_step_pre_hook`` and the global ones, as
+        ``hook(optimizer, (optimizer,), {})``: a SAM step's hooks run once,
+        pre-hooks here and post-hooks at the end of ``second_step()``; new
+        arguments returned by a pre-hook are ignored, first_step takes none
+        from hooks).
+
+        Atomic: if it raises (a bad gradient or parameter in any group, a
+        backend refusing its inputs), θ is bitwise as before the call and no
+        step is pending: every group is checked before any is perturbed, and
+        groups already perturbed when a backend raises are restored.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step: called twice without second_step(); "
                                "the parameters are already perturbed")
+        if not self._step_vars.get("in_step"):
+            self._run_step_hooks(pre=True)
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "first_step")
-        if not self._first_step_fast(grad_scale, found_inf):
-            self._first_step_general(grad_scale, found_inf)
+        done: List[Tuple[Backend, Any, Any]] = []   # perturb calls made: (backend, ps, bs)
+        self._step_vars["perturb_calls"] = done
+        try:
+            if not self._first_step_fast(grad_scale, found_inf):
+                self._phase(self._first_step_general)(grad_scale, found_inf)
+        except BaseException:
+            for be, ps, bs in done:       # θ bitwise back, as before the call
+                be.restore(ps, bs)
+            self._perturbed = None
+            raise
+        finally:
+            self._step_vars["perturb_calls"] = None
+            _theta_changed()
+
+    def _prune_backups(self) -> None:
+        """Drop the backups of tensors that are no longer parameters of any group
+        (removed groups, replaced parameters), so the optimizer keeps neither them
+        nor their backups alive. Only called with no step pending."""
+        self._step_vars["n_groups"] = len(self.param_groups)
+        if not self._backups:
+            return
+        live = {id(p) for g in self.param_groups for p in g["params"]}
+        for k in [k for k in self._backups if id(k) not in live]:
+            del self._backups[k]
 
     def _first_step_general(self, grad_scale, found_inf) -> None:
         """first_step for any parameters (DTensor / FSDP2 shards included)."""
+        self._prune_backups()
         groups_items = []
         devices = set()
         for gi, group in enumerate(self.param_groups):
@@ -472,6 +645,7 @@ class _SAMBase(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                self._check_param(p, gi, i)
                 self._check_grad(p, gi, i, "pass-1")
                 state = self._precond_state(p) if group["precondition"] else None
                 items.append((p, _local(p.grad), state))
@@ -492,11 +666,11 @@ class _SAMBase(torch.optim.Optimizer):
                 pre = group["precondition"]
                 out = norm_sq[d] if key is None else self._partial(sharded, key, d)
                 self._backend(d).sq_norm(
-                    [g for _, g, _ in its],
-                    [s["exp_avg_sq"] for _, _, s in its] if pre else None,
+                    _compile_safe_all([g for _, g, _ in its]),
+                    _compile_safe_all([s["exp_avg_sq"] for _, _, s in its]) if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
                     beta2=beta2, eps=eps, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), out=out)
+                    grad_scale=self._scale_on(grad_scale, d), out=_compile_safe_out(out))
         self._reduce_norm_sq(norm_sq, sharded)
         self._global_sum(norm_sq)
         perturbed = []
@@ -505,15 +679,18 @@ class _SAMBase(torch.optim.Optimizer):
             pre = group["precondition"]
             for d, its in self._by_device(items).items():
                 ps = [p for p, _, _ in its]
-                self._backend(d).perturb(
-                    [_local(p) for p in ps], [g for _, g, _ in its],
-                    [self._backup_for(p) for p in ps],
-                    [s["exp_avg_sq"] for _, _, s in its] if pre else None,
+                be = self._backend(d)
+                lps = _compile_safe_all([_local(p) for p in ps])
+                bs = _compile_safe_all([self._backup_for(p) for p in ps])
+                be.perturb(
+                    lps, _compile_safe_all([g for _, g, _ in its]), bs,
+                    _compile_safe_all([s["exp_avg_sq"] for _, _, s in its]) if pre else None,
                     [s["step"] for _, _, s in its] if pre else None,
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
                     beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
                     precondition=pre,
                     grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
+                self._perturb_done(be, lps, bs)
                 plist.extend(ps)
             perturbed.append(plist)
         self._perturbed = perturbed
@@ -571,6 +748,8 @@ class _SAMBase(torch.optim.Optimizer):
             return False
         if built:                 # a new plan may have created state
             self._snapshot_state()
+        if built or len(self.param_groups) != self._step_vars.get("n_groups"):
+            self._prune_backups()
         for gi, group, plan, gss in staged:   # every grad checked before any change
             for c, gs in zip(plan.calls, gss):
                 if not check_grads(self, gi, c.idx, gs, c.shapes, group["params"], "pass-1"):
@@ -600,12 +779,14 @@ class _SAMBase(torch.optim.Optimizer):
             pre = plan.pre
             for c, gs in zip(plan.calls, gss):
                 d = c.device
-                self._backend(d).perturb(
+                be = self._backend(d)
+                be.perturb(
                     c.ps, gs, c.bs, c.vs if pre else None, c.ts if pre else None,
                     rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
                     beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
                     precondition=pre, grad_scale=self._scale_on(grad_scale, d),
                     found_inf=self._flag(d), cache=c.cache)
+                self._perturb_done(be, c.ps, c.bs)
         perturbed = [plan.perturbed for *_, plan, _ in staged]
         self._perturbed = perturbed
         # the backups of ``perturbed`` in the same order, for second_step
@@ -726,9 +907,10 @@ class _SAMBase(torch.optim.Optimizer):
                 out = n2[d]
             else:
                 out = self._partial(sharded, key, d)
-            self._backend(d).sq_norm([_local(p.grad) for (p,) in ps], None, None, beta2=0.0,
-                                     eps=0.0, precondition=False,
-                                     grad_scale=self._scale_on(grad_scale, d), out=out)
+            self._backend(d).sq_norm(_compile_safe_all([_local(p.grad) for (p,) in ps]), None,
+                                     None, beta2=0.0, eps=0.0, precondition=False,
+                                     grad_scale=self._scale_on(grad_scale, d),
+                                     out=_compile_safe_out(out))
         self._reduce_norm_sq(n2, sharded)
         self._global_sum(n2)
         return n2
@@ -757,19 +939,37 @@ class _SAMBase(torch.optim.Optimizer):
         after a skipped step. With ``max_grad_norm`` the update gradient is
         clipped by its global norm (non-finite norm: step skipped).
         Raises ``RuntimeError`` if ``first_step()`` was not called.
+
+        Parameter groups may be reordered, replaced, added or removed between
+        ``first_step()`` and ``second_step()``: every perturbed parameter is
+        restored wherever it now is (or is no longer), and the parameters of
+        the current groups are updated with their groups' hyperparameters.
+
+        It counts as the optimizer's step: outside ``step()`` the step
+        post-hooks run at its end (``hook(optimizer, (optimizer,), {})``), and
+        learning-rate schedulers see the step (no "lr_scheduler.step() before
+        optimizer.step()" warning).
         """
         if self._perturbed is None:
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
-        if self._base_mode or not self._second_step_fast(perturbed, grad_scale, found_inf):
-            self._second_step_general(perturbed, grad_scale, found_inf)
+        try:
+            if self._base_mode or not self._second_step_fast(perturbed, grad_scale, found_inf):
+                self._phase(self._second_step_general)(perturbed, grad_scale, found_inf)
+        finally:
+            _theta_changed()
         self._perturbed = None
         flags = [f != 0 for f in self._found_inf.values()]
         self.last_step_skipped = flags[0] if len(flags) == 1 else (
             torch.stack([f.cpu() for f in flags]).any() if flags else None)
         if grad_scaler is not None and grad_scaler.is_enabled():
             self._record_in_scaler(grad_scaler)
+        # torch's lr schedulers wrap optimizer.step and read this flag
+        # (torch/optim/lr_scheduler.py, patch_track_step_called)
+        self._opt_called = True
+        if not self._step_vars.get("in_step"):
+            self._run_step_hooks(pre=False)
 
     def _second_step_general(self, perturbed, grad_scale, found_inf) -> None:
         """second_step for any parameters (DTensors, base optimizer)."""
@@ -841,6 +1041,9 @@ class _SAMBase(torch.optim.Optimizer):
                 clip_gs.setdefault(c.device, []).extend(c.get(grads))
         if built:
             self._snapshot_state()
+        if (any(st[2].matched != len(st[4]) for st in staged)
+                or any(perturbed[len(staged):])):
+            return False    # groups reordered/changed since first_step: the general path
         staged = [st[:4] for st in staged]
         all_devs = {d for *_, plan, _ in staged for d in plan.devs}
         for d in all_devs:
@@ -879,17 +1082,19 @@ class _SAMBase(torch.optim.Optimizer):
         return True
 
     def _second_step_adamw(self, perturbed, scales) -> None:
+        # perturbed parameters by identity, wherever they are now (groups may have
+        # been reordered, replaced or removed since first_step)
+        pset = {id(p) for plist in perturbed for p in plist}
+        seen = set()
         for gi, group in enumerate(self.param_groups):
-            pset = {id(p) for p in perturbed[gi]} if gi < len(perturbed) else set()
             with_grad, without = [], []
             for i, p in enumerate(group["params"]):
+                seen.add(id(p))
                 if p.grad is not None:
                     with_grad.append(p)
                 elif id(p) in pset:
                     without.append(p)
-            for d, ps in self._by_device([(p,) for p in without]).items():
-                self._backend(d).restore([_local(p) for (p,) in ps],
-                                         [self._backups[p] for (p,) in ps])
+            self._restore_perturbed([without])
             restored = [p for p in with_grad if id(p) in pset]
             fresh = [p for p in with_grad if id(p) not in pset]
             beta1, beta2 = group["betas"]
@@ -897,23 +1102,22 @@ class _SAMBase(torch.optim.Optimizer):
                 for d, ps in self._by_device([(p,) for p in plist]).items():
                     ps = [p for (p,) in ps]
                     states = [self._init_state(p) for p in ps]
+                    cs = _compile_safe_all
                     self._backend(d).restore_adamw(
-                        [_local(p) for p in ps], [_local(p.grad) for p in ps],
-                        [self._backups[p] for p in ps] if has_backup else None,
-                        [_local(s["exp_avg"]) for s in states],
-                        [_local(s["exp_avg_sq"]) for s in states],
+                        cs([_local(p) for p in ps]), cs([_local(p.grad) for p in ps]),
+                        cs([self._backups[p] for p in ps]) if has_backup else None,
+                        cs([_local(s["exp_avg"]) for s in states]),
+                        cs([_local(s["exp_avg_sq"]) for s in states]),
                         [s["step"] for s in states],
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
                         grad_scale=scales[d], found_inf=self._flag(d))
+        self._restore_perturbed(perturbed, skip=seen)   # removed from the groups since
 
     def _second_step_base(self, perturbed, params2, grad_scale) -> None:
         """Restore θ, unscale (and clip) ĝ in place, then the base optimizer's own
         step, skipped when a flag is set: the one host read of this path."""
-        for plist in perturbed:
-            for d, ps in self._by_device([(p,) for p in plist]).items():
-                ps = [p for (p,) in ps]
-                self._backend(d).restore([_local(p) for p in ps], [self._backups[p] for p in ps])
+        self._restore_perturbed(perturbed)
         inv = None
         if grad_scale is not None:
             inv = {d: self._scale_on(grad_scale, d).reciprocal() for d in self._devices()}
@@ -942,14 +1146,26 @@ class _SAMBase(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo a pending ``first_step()``: θ + e → θ (bitwise), no update."""
+        """Undo a pending ``first_step()``: θ + e → θ (bitwise), no update
+        (and no step hooks: the step did not happen)."""
         if self._perturbed is None:
             return
-        for plist in self._perturbed:
+        try:
+            self._phase(self._restore_perturbed)(self._perturbed)
+        finally:
+            _theta_changed()
+        self._perturbed = None
+
+    def _restore_perturbed(self, perturbed, skip=None) -> None:
+        """p ← backup for every parameter in ``perturbed`` (lists per group), except
+        those whose id is in ``skip``."""
+        for plist in perturbed:
+            if skip:
+                plist = [p for p in plist if id(p) not in skip]
             for d, ps in self._by_device([(p,) for p in plist]).items():
                 ps = [p for (p,) in ps]
-                self._backend(d).restore([_local(p) for p in ps], [self._backups[p] for p in ps])
-        self._perturbed = None
+                self._backend(d).restore(_compile_safe_all([_local(p) for p in ps]),
+                                         _compile_safe_all([self._backups[p] for p in ps]))
 
     def clean_param(self, p: Tensor) -> Tensor:
         """The value of parameter ``p`` at θ: its bitwise backup while a
@@ -1181,10 +1397,19 @@ class _SAMBase(torch.optim.Optimizer):
     # -- state_dict -----------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """torch format. With ``base_optimizer`` it is the base's state_dict (its
-        state, and groups that also hold rho and precondition)."""
-        if self._base_mode:
-            return self.base_optimizer.state_dict()
-        return super().state_dict()
+        state, and groups that also hold rho and precondition). The hooks of
+        ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook``
+        run as in torch (with ``base_optimizer`` the base's own hooks too)."""
+        if not self._base_mode:
+            return super().state_dict()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.base_optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     @staticmethod
     def _load_state_tensor(val: Tensor, p: Tensor, key, k) -> Tensor:
@@ -1222,10 +1447,28 @@ class _SAMBase(torch.optim.Optimizer):
         A saved group may hold fewer parameters than the current one (e.g. a
         group that was empty when saved): the extra current parameters start
         with fresh state (t = 0). Raises ``ValueError`` on mismatched groups
-        or state shapes.
+        or state shapes. The hooks of ``register_load_state_dict_pre_hook``
+        (``hook(optimizer, state_dict)``, may return a replacement dict, given
+        a shallow copy as in torch) and ``register_load_state_dict_post_hook``
+        (``hook(optimizer)``) run before and after loading.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', got "
+                             f"{type(state_dict).__name__}")
+        state_dict = state_dict.copy()      # shallow, as torch (hooks may edit it)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """``load_state_dict`` after its pre-hooks."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        self.restore()          # a pending first_step is abandoned: θ bitwise back first
         if self._base_mode:
             self.base_optimizer.load_state_dict(state_dict)
             self.param_groups = self.base_optimizer.param_groups
@@ -1290,6 +1533,52 @@ class _SAMBase(torch.optim.Optimizer):
         self.state = new_state
         self.param_groups = groups
         self._perturbed = None
+
+
+def _with_step_hooks(step):
+    """``_SAMBase.step`` as ``torch.optim.Optimizer.profile_hook_step`` wraps a
+    step: the step pre-hooks before it (they may replace its arguments), the
+    post-hooks after it, inside a profiler range; ``first_step`` and
+    ``second_step`` called from it then run no hooks of their own, so a SAM
+    step runs each hook once however it is driven. A ``step()`` that completes
+    a pending ``first_step()`` (whose pre-hooks already ran) runs only the
+    post-hooks."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        sv = self._step_vars
+        if sv.get("in_step"):                      # re-entered: hooks already running
+            return step(*args, **kwargs)
+        with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(self).__name__}.step"):
+            if self._perturbed is None:
+                for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(),
+                                                self._optimizer_step_pre_hooks.values()):
+                    result = pre_hook(self, args, kwargs)
+                    if result is not None:
+                        if isinstance(result, tuple) and len(result) == 2:
+                            args, kwargs = result
+                        else:
+                            raise RuntimeError(f"{step} must return None or a tuple of "
+                                               f"(new_args, new_kwargs), but got {result}.")
+            sv["in_step"] = True
+            try:
+                out = step(*args, **kwargs)
+            finally:
+                sv["in_step"] = False
+            self._optimizer_step_code()
+            for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                             _global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    wrapper.hooked = True        # torch.optim.Optimizer._patch_step_function: do not wrap again
+    return wrapper
+
+
+_SAMBase.step = _with_step_hooks(_SAMBase.step)
 
 
 class SAM(_SAMBase):
