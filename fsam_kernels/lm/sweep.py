@@ -17,13 +17,13 @@ per variant and compare at an equal number of steps):
   nothing else), the curves and the choice of ρ only the validation split;
   the test split is evaluated once, on each run's final checkpoint, and only
   the report reads it.
-* Grid: phase 1 runs every SAM-family optimizer at every ρ of its grid
+* Grid: phase 1 runs AdamW on every seed and every SAM-family optimizer at every ρ of its grid
   (``--rho`` for sam/fsam, ``--prho`` for psam/pfsam) on the selection seeds
   (``--select-seeds``, default the first seed). ρ is chosen per optimizer as
   the grid value with the lowest mean *validation* loss over those seeds
   (loss over the whole validation split at the final step). Phase 2 runs
-  the chosen ρ on the remaining seeds. AdamW runs on every seed; with
-  ``--compute-matched`` (default) ``adamw2x`` is AdamW with ``2 * --steps``
+  the chosen ρ on the remaining seeds. Phase 3 (unless
+  ``--no-compute-matched``) runs ``adamw2x``, AdamW with ``2 * --steps``
   steps, the same number of forward/backward passes as a SAM-family run
   (two per step), its own warm-up/cosine schedule over its own length.
 * Same seed = same initialisation and batches for every optimizer
@@ -267,19 +267,21 @@ def grid_for(name: str, rhos, prhos) -> list[float]:
     return [0.0]
 
 
-def phase1(optimizers, rhos, prhos, seeds, select_seeds, steps, matched: bool) -> list[RunSpec]:
+def phase1(optimizers, rhos, prhos, seeds, select_seeds, steps) -> list[RunSpec]:
     """Runs needed before ρ can be chosen, in run order: AdamW on every seed,
-    then the ρ grid of each SAM-family optimizer on the selection seeds, then
-    the compute-matched AdamW on every seed."""
+    then the ρ grid of each SAM-family optimizer on the selection seeds."""
     out = []
     if "adamw" in optimizers:
         out += [RunSpec("adamw", 0.0, s, steps, "baseline") for s in seeds]
     for n in optimizers:
         if n in SAM_FAMILY:
             out += [RunSpec(n, r, s, steps, "select") for s in select_seeds for r in grid_for(n, rhos, prhos)]
-    if matched:
-        out += [RunSpec(MATCHED, 0.0, s, 2 * steps, "baseline") for s in seeds]
     return out
+
+
+def phase3(seeds, steps, matched: bool) -> list[RunSpec]:
+    """The compute-matched AdamW (``2 * steps``) on every seed, run last."""
+    return [RunSpec(MATCHED, 0.0, s, 2 * steps, "baseline") for s in seeds] if matched else []
 
 
 def phase2(chosen: dict, seeds, select_seeds, steps) -> list[RunSpec]:
@@ -397,8 +399,9 @@ def build_report(cfg: dict, results: dict) -> dict:
     selection = {n: choose_rho(results, n, grid_for(n, rhos, prhos), select, steps)
                  for n in optimizers if n in SAM_FAMILY}
     chosen = {n: s["rho"] for n, s in selection.items() if s["rho"] is not None}
-    planned = phase1(optimizers, rhos, prhos, seeds, select, steps, matched)
+    planned = phase1(optimizers, rhos, prhos, seeds, select, steps)
     planned += phase2({n: chosen.get(n) for n in selection}, seeds, select, steps)
+    planned += phase3(seeds, steps, matched)
     missing = []
     for sp in planned:
         if sp.rho is None:
@@ -835,13 +838,13 @@ def main(argv=None) -> int:
     status = 0
     from tqdm.auto import tqdm
 
-    p1 = phase1(args.names, args.rho_grid, args.prho_grid, args.seed_list, args.select_list,
-                args.steps, args.compute_matched)
+    p1 = phase1(args.names, args.rho_grid, args.prho_grid, args.seed_list, args.select_list, args.steps)
+    p3 = phase3(args.seed_list, args.steps, args.compute_matched)
     n_p2 = sum(1 for n in args.names if n in SAM_FAMILY) * len(
         [s for s in args.seed_list if s not in args.select_list])
-    bar = tqdm(total=len(p1) + n_p2, desc="sweep", unit="run", disable=args.no_progress,
+    bar = tqdm(total=len(p1) + n_p2 + len(p3), desc="sweep", unit="run", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr, position=0)
-    bar.update(sum(1 for sp in p1 if sp.run_id in results))
+    bar.update(sum(1 for sp in p1 + p3 if sp.run_id in results))
     try:
         if run_list(p1, bar):
             chosen = {}
@@ -853,7 +856,8 @@ def main(argv=None) -> int:
                         chosen[n] = c["rho"]
             p2 = phase2(chosen, args.seed_list, args.select_list, args.steps)
             bar.update(sum(1 for sp in p2 if sp.run_id in results))
-            run_list(p2, bar)
+            if run_list(p2, bar):
+                run_list(p3, bar)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         status = 130
