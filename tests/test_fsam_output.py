@@ -132,19 +132,20 @@ def test_real_transformers_model_output():
     out = m(input_ids=ids, labels=ids, use_cache=False)
     assert is_model_output(out) and select_output(out) is out.logits
     results = []
-    for form in ("model_output", "logits"):
+    for form in ("model_output", "logits", "model_output_with_cache"):
         mm = copy.deepcopy(m)
         opt = FunctionalSAM(mm.parameters(), lr=1e-3, rho=0.1, backend="reference")
         spy = _GradSpy()
         opt._backends[torch.device("cpu")] = spy
 
         def closure():
-            o = mm(input_ids=ids, labels=ids, use_cache=False)
-            return (o if form == "model_output" else o.logits), o.loss
+            o = mm(input_ids=ids, labels=ids, use_cache=form.endswith("cache"))
+            return (o.logits if form == "logits" else o), o.loss
         opt.step(closure)
         results.append([spy.seen[p] for p in mm.parameters() if p in spy.seen])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_refused_outputs():
