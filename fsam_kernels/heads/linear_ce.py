@@ -335,6 +335,7 @@ def is_head_output(obj: Any) -> bool:
     return isinstance(obj, HeadOutput)
 
 
+#: what ``FusedLinearCrossEntropy(weight)`` accepts
 WeightSource = Union[Tensor, nn.Module, Callable[[], Tensor]]
 
 
@@ -354,7 +355,9 @@ class FusedLinearCrossEntropy(nn.Module):
     :class:`HeadOutput` whose ``.loss`` is the 0-d loss. In
     ``FunctionalSAM.step(closure)``'s pass 2 the call returns a stand-in whose
     ``.loss`` has the pass-1 value and whose backward is J(θ+e)ᵀ c0 (no logits
-    are computed).
+    are computed; the pass-1 labels are used, ``labels`` must have their
+    shape). The weight must be a parameter of the optimizer for that
+    (its backup is W0); DTensor (FSDP2) weights are not supported there.
 
     Raises ``TypeError`` for a weight source that is none of the above, a
     module with a bias, and the errors of :func:`fused_linear_cross_entropy`.
