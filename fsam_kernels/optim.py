@@ -356,6 +356,17 @@ class _SAMBase(torch.optim.Optimizer):
         self._step_vars["last_step_skipped"] = value
 
     @property
+    def _opt_called(self) -> bool:
+        """torch's lr schedulers read this flag (set by their wrapper of
+        ``step``, and by ``second_step``): kept in ``_step_vars`` so that a
+        compiled ``second_step`` sets it too."""
+        return self._step_vars.get("opt_called", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value) -> None:
+        self._step_vars["opt_called"] = value
+
+    @property
     def _last_norm_sq(self):
         return self._step_vars.get("last_norm_sq")
 

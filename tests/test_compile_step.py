@@ -226,3 +226,29 @@ def test_tensor_hyperparameters_are_a_clear_error():
         SAM(ps, lr=torch.tensor(1e-3))
     with pytest.raises(TypeError, match="betas"):
         SAM(ps, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+
+
+def test_compiled_phases_count_for_schedulers_and_hooks():
+    """Compiled first_step/second_step still run the step hooks once per SAM
+    step and count as the optimizer's step for torch's lr schedulers (dynamo
+    drops attribute stores on an optimizer; the flag lives in a dict)."""
+    import warnings
+
+    ps = _params()[1:]
+    opt = SAM(ps, lr=1e-2, backend="foreach")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    events = []
+    opt.register_step_pre_hook(lambda *a: events.append("pre"))
+    opt.register_step_post_hook(lambda *a: events.append("post"))
+    torch._dynamo.reset()
+    first = torch.compile(opt.first_step, backend="eager")
+    second = torch.compile(opt.second_step, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            first()
+            second()
+            sched.step()
+    assert events == ["pre", "post"] * 2
