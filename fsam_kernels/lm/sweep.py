@@ -22,9 +22,8 @@ per variant and compare at an equal number of steps):
   (``--select-seeds``, default the first seed). ρ is chosen per optimizer as
   the grid value with the lowest mean *validation* loss over those seeds
   (loss over the whole validation split at the final step). Phase 2 runs
-  the chosen ρ on the remaining seeds. Phase 3 (unless
-  ``--no-compute-matched``) runs ``adamw2x``, AdamW with ``2 * --steps``
-  steps, the same number of forward/backward passes as a SAM-family run
+  the chosen ρ on the remaining seeds and (unless ``--no-compute-matched``)
+  ``adamw2x`` on every seed, seed by seed: AdamW with ``2 * --steps`` steps, the same number of forward/backward passes as a SAM-family run
   (two per step), its own warm-up/cosine schedule over its own length.
 * Same seed = same initialisation and batches for every optimizer
   (``torch.manual_seed(seed)`` before building the model; batch ``k`` is a
@@ -279,15 +278,17 @@ def phase1(optimizers, rhos, prhos, seeds, select_seeds, steps) -> list[RunSpec]
     return out
 
 
-def phase3(seeds, steps, matched: bool) -> list[RunSpec]:
-    """The compute-matched AdamW (``2 * steps``) on every seed, run last."""
-    return [RunSpec(MATCHED, 0.0, s, 2 * steps, "baseline") for s in seeds] if matched else []
-
-
-def phase2(chosen: dict, seeds, select_seeds, steps) -> list[RunSpec]:
-    """The chosen ρ of each optimizer on the seeds not used for selection."""
-    return [RunSpec(n, rho, s, steps, "seeds") for n, rho in chosen.items()
-            for s in seeds if s not in select_seeds]
+def phase2(chosen: dict, seeds, select_seeds, steps, matched: bool) -> list[RunSpec]:
+    """Seed by seed (so that a sweep stopped early has whole seeds): the
+    chosen ρ of each optimizer on the seeds not used for selection, then
+    (with ``matched``) the compute-matched AdamW (``2 * steps``) on every seed."""
+    out = []
+    for s in seeds:
+        if s not in select_seeds:
+            out += [RunSpec(n, rho, s, steps, "seeds") for n, rho in chosen.items()]
+        if matched:
+            out.append(RunSpec(MATCHED, 0.0, s, 2 * steps, "baseline"))
+    return out
 
 
 def choose_rho(results: dict, name: str, grid, select_seeds, steps) -> dict:
@@ -400,8 +401,7 @@ def build_report(cfg: dict, results: dict) -> dict:
                  for n in optimizers if n in SAM_FAMILY}
     chosen = {n: s["rho"] for n, s in selection.items() if s["rho"] is not None}
     planned = phase1(optimizers, rhos, prhos, seeds, select, steps)
-    planned += phase2({n: chosen.get(n) for n in selection}, seeds, select, steps)
-    planned += phase3(seeds, steps, matched)
+    planned += phase2({n: chosen.get(n) for n in selection}, seeds, select, steps, matched)
     missing = []
     for sp in planned:
         if sp.rho is None:
@@ -839,12 +839,12 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     p1 = phase1(args.names, args.rho_grid, args.prho_grid, args.seed_list, args.select_list, args.steps)
-    p3 = phase3(args.seed_list, args.steps, args.compute_matched)
     n_p2 = sum(1 for n in args.names if n in SAM_FAMILY) * len(
         [s for s in args.seed_list if s not in args.select_list])
-    bar = tqdm(total=len(p1) + n_p2 + len(p3), desc="sweep", unit="run", disable=args.no_progress,
+    n_p2 += len(args.seed_list) if args.compute_matched else 0
+    bar = tqdm(total=len(p1) + n_p2, desc="sweep", unit="run", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr, position=0)
-    bar.update(sum(1 for sp in p1 + p3 if sp.run_id in results))
+    bar.update(sum(1 for sp in p1 if sp.run_id in results))
     try:
         if run_list(p1, bar):
             chosen = {}
@@ -854,10 +854,9 @@ def main(argv=None) -> int:
                                    args.select_list, args.steps)
                     if c["rho"] is not None:
                         chosen[n] = c["rho"]
-            p2 = phase2(chosen, args.seed_list, args.select_list, args.steps)
+            p2 = phase2(chosen, args.seed_list, args.select_list, args.steps, args.compute_matched)
             bar.update(sum(1 for sp in p2 if sp.run_id in results))
-            if run_list(p2, bar):
-                run_list(p3, bar)
+            run_list(p2, bar)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         status = 130
