@@ -298,3 +298,40 @@ def test_new_fsam_train_option_at_its_default_still_matches(tmp_path):
     S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 8}})  # default
     with pytest.raises(ValueError, match="--eval-batches was None, now 9"):
         S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 9}})
+
+
+def test_build_report_on_synthetic_results():
+    cfg = {"optimizers": ["adamw", "sam"], "seeds": [0, 1, 2], "select_seeds": [0], "steps": 10,
+           "rho": [0.1, 0.2], "prho": [], "compute_matched": True}
+    res = {}
+
+    def add(name, rho, seed, steps, val, test):
+        sp = S.RunSpec(name, rho, seed, steps, "")
+        res[sp.run_id] = {"val_loss_full": val, "test_loss": test, "wall_s": 1.0, "curve": [],
+                          "passes_per_step": sp.passes_per_step}
+
+    adamw = {0: 3.0, 1: 3.2, 2: 2.9}
+    for s, v in adamw.items():
+        add("adamw", 0.0, s, 10, v, v)
+        add("adamw2x", 0.0, s, 20, v - 0.1, v - 0.1 + 0.01 * s)
+    add("sam", 0.1, 0, 10, 3.5, 3.5)   # worse on validation ...
+    add("sam", 0.2, 0, 10, 3.4, 9.9)   # ... than 0.2, whatever the test loss says
+    add("sam", 0.2, 1, 10, 0.0, 3.3)
+    rep = S.build_report(cfg, res)
+    assert rep["chosen_rho"] == {"sam": 0.2}
+    assert rep["missing"] == [S.RunSpec("sam", 0.2, 2, 10, "").run_id]
+    rows = {r["name"]: r for r in rep["table"]}
+    assert rows["adamw"]["test"]["mean"] == pytest.approx(np.mean(list(adamw.values())))
+    sam = rows["sam"]
+    assert sam["seeds_done"] == [0, 1] and sam["test"]["mean"] == pytest.approx((9.9 + 3.3) / 2)
+    d = np.array([9.9 - 3.0, 3.3 - 3.2])
+    assert sam["diff_vs_adamw"]["mean"] == pytest.approx(d.mean())
+    assert sam["diff_vs_adamw"]["ci_half"] == pytest.approx(T_TABLE[1] * d.std(ddof=1) / math.sqrt(2))
+    assert sam["diff_vs_adamw_unselected"]["n"] == 1
+    assert sam["diff_vs_adamw_unselected"]["mean"] == pytest.approx(0.1)
+    m = rows["adamw2x"]["diff_vs_adamw"]
+    assert m["mean"] == pytest.approx(-0.09) and m["n"] == 3 and m["ci_half"] == pytest.approx(
+        T_TABLE[2] * np.std([-0.1, -0.09, -0.08], ddof=1) / math.sqrt(3))
+    md = S.format_report({**rep, "config": {**cfg, "corpus_name": "x", "num_params": 1,
+                                            "train_args": {"preset": "tiny"}}})
+    assert "| sam | 0.2 | 10 | 20 | 2/3 |" in md and "Missing runs (1)" in md
