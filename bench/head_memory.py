@@ -114,11 +114,12 @@ def targets(results: list, device: str) -> list:
 
 def write_markdown(path: str, doc: dict) -> None:
     device = doc["device"]
-    m = doc["machine"]
+    runs = doc.get("runs") or [{"command": doc["command"], "machine": doc["machine"]}]
+    m = runs[0]["machine"]
     res = doc["results"]
     unit = "peak CUDA memory (GiB)" if device == "cuda" else "peak RSS (GiB)"
     L = ["# Fused linear cross-entropy head: memory and step time", "",
-         f"- command: `{doc['command']}`",
+         f"- command: `{runs[0]['command']}`",
          f"- machine: {m.get('gpu_name', m['cpu_model'])}, torch {m['torch']}, "
          f"{res[0]['threads'] if res else '?'} torch thread(s), commit {m.get('git_commit')}",
          f"- load average at start {m.get('loadavg_start')}, end {m.get('loadavg_end')} "
@@ -135,7 +136,7 @@ def write_markdown(path: str, doc: dict) -> None:
                  f"{_gib(_peak(r, device)):.2f} | {r['step_s']:.2f} | {r.get('warmup_steps', 1)} |")
     if doc.get("skipped"):
         L += ["", "Not measured: " + "; ".join(doc["skipped"])]
-    for run in doc.get("runs", [])[1:]:
+    for run in runs[1:]:
         L.append(f"- added by `{run['command']}` (load average {run['machine'].get('loadavg_start')}"
                  f" to {run['machine'].get('loadavg_end')}, commit {run['machine'].get('git_commit')})")
     L += ["", "## The issue's targets", "", "| target | measured | |", "|---|---|---|"]
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--rewrite-md", action="store_true",
+                   help="only rewrite <out>/head-memory-<device>.md from its .json")
     p.add_argument("--append", action="store_true",
                    help="keep the cases of an existing results file that this run does not "
                         "measure again (e.g. to add the largest cases in a second run)")
@@ -172,6 +175,11 @@ def main(argv=None) -> int:
         o, h, v, m = a.case.split(":")
         print("RESULT " + json.dumps(run_case(o, h, int(v), int(m), a.device, a.steps, a.batch,
                                               a.seq, a.preset, a.warmup)))
+        return 0
+    if a.rewrite_md:
+        base = os.path.join(a.out, f"head-memory-{a.device}")
+        with open(base + ".json") as f:
+            write_markdown(base + ".md", json.load(f))
         return 0
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from kernels import machine_info
