@@ -401,14 +401,17 @@ def _triton_ok():
 
 
 @pytest.mark.skipif(not _triton_ok(), reason="Triton interpreter not available")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_equals_torch(dtype):
+@pytest.mark.parametrize("dtype,n,d,v", [(torch.float32, 19, 24, 45),
+                                         (torch.bfloat16, 19, 24, 45),
+                                         (torch.float32, 70, 40, 130)],
+                         ids=["fp32-one-tile", "bf16-one-tile", "fp32-several-tiles"])
+def test_triton_equals_torch(dtype, n, d, v):
     """The Triton kernels (under TRITON_INTERPRET=1 on CPU) against the
-    PyTorch implementation: forward, backward and the Functional-SAM vjp."""
+    PyTorch implementation: forward, backward and the Functional-SAM vjp;
+    one tile per dimension, and several (partial) tiles in every dimension."""
     from fsam_kernels.heads import _torch as tt, _triton as tr
 
     torch.manual_seed(17)
-    n, d, v = 19, 24, 45
     h = torch.randn(n, d).to(dtype)
     w = torch.randn(v, d).to(dtype)
     h1 = (h.float() + 0.1 * torch.randn(n, d)).to(dtype)
