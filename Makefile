@@ -62,9 +62,12 @@ data: setup
 
 # All five optimizers, 150 steps each of 16 x 128 tokens: 268 s measured on an
 # idle 2-core CPU, data preparation included (see fsam_kernels/lm/train.py).
+# --rho / --prho: the radii chosen by the fsam-sweep study
+# (bench/results/sweep-shakespeare-cpu/: sam and fsam chose 0.01, psam and pfsam 0.003).
 train: data
 	$(VENV)/bin/fsam-train --corpus $(CORPUS) --preset small --optimizers adamw,sam,fsam,psam,pfsam \
-	  --steps 150 --batch-size 16 --seq-len 128 --eval-every 25 --out runs/lm $(TRAIN_ARGS)
+	  --steps 150 --batch-size 16 --seq-len 128 --eval-every 25 --rho 0.01 --prho 0.003 \
+	  --out runs/lm $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -3,7 +3,8 @@ variants on a small language model trained on real text.
 
 Example (the ``make train`` run)::
 
-    fsam-train --preset small --optimizers adamw,sam,fsam,psam,pfsam --steps 150
+    fsam-train --preset small --optimizers adamw,sam,fsam,psam,pfsam --steps 150 \
+        --rho 0.01 --prho 0.003
 
 Optimizer names (``--optimizers``, comma-separated):
 
@@ -23,13 +24,22 @@ Euclidean radius rho in both cases, but the preconditioned direction
 an Adam update), so its component along the gradient, and hence the loss
 change it probes, is smaller at the same radius; preconditioned variants
 therefore take a larger rho (the paper, arXiv 2502.02407, tunes rho per
-variant).
+variant). ``make train`` passes ``--rho 0.01 --prho 0.003`` instead: the
+radii chosen on the validation split by the ``fsam-sweep`` study
+(``bench/results/sweep-shakespeare-cpu/``, preset tiny, 3000 steps, grids
+0.003-0.3 and 0.003-0.1: sam and fsam chose 0.01, psam and pfsam 0.003; the
+loss of every SAM-family optimizer rose with rho above those values, and
+none beat AdamW there). They were chosen for that setting, not re-tuned for
+the 150-step small-preset run.
 
 Measured with ``make train`` (150 steps of 16 x 128 tokens, preset small,
 1.34M parameters, one seed, idle 2-core CPU: 268 s in all, data preparation
 included), validation loss from 8.321 at step 0 to: adamw 5.766, sam 6.084,
 fsam 5.772, psam 5.777, pfsam 5.950 nats/token. Such a short run shows every
-optimizer learning, not which is best.
+optimizer learning, not which is best. (These numbers were measured with the
+former ``make train`` radii, the defaults 0.05 / 0.2; for a measured
+comparison with seeds and confidence intervals see ``fsam-sweep``,
+:mod:`fsam_kernels.lm.sweep`.)
 
 Every (optimizer, seed) run starts from the same initialisation
 (``torch.manual_seed(seed)`` before building the model) and sees the same
