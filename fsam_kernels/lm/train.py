@@ -3,8 +3,7 @@ variants on a small language model trained on real text.
 
 Example (the ``make train`` run)::
 
-    fsam-train --preset small --optimizers adamw,sam,fsam,psam,pfsam --steps 150 \
-        --rho 0.01 --prho 0.003
+    fsam-train --preset small --optimizers adamw,sam,fsam,psam,pfsam --steps 150 --rho 0.01 --prho 0.003
 
 Optimizer names (``--optimizers``, comma-separated):
 
