@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .backends.reference import ascent_direction as _direction
+
 __all__ = [
     "Decomposition", "decompose", "ascent_direction", "hvp_operator", "gnvp_operator",
     "lanczos", "hutchinson_trace", "sharpness", "diagnose", "lm_loss", "diagnose_lm",
@@ -215,9 +217,9 @@ def ascent_direction(g: TensorList, params: TensorList, optimizer=None,
             out.append(gi)
             continue
         beta2, eps = grp["betas"][1], grp["eps"]
-        v = st["exp_avg_sq"].to(torch.float64 if gi.dtype == torch.float64 else torch.float32)
-        denom = (v / (1.0 - beta2 ** t)).sqrt_().add_(eps)
-        out.append((gi.to(denom.dtype) / denom).to(gi.dtype))
+        work = torch.float64 if gi.dtype == torch.float64 else torch.float32
+        d = _direction(gi.to(work), st["exp_avg_sq"].to(work), t, beta2=beta2, eps=eps)
+        out.append(d.to(gi.dtype))
     return out
 
 

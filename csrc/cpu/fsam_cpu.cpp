@@ -15,6 +15,7 @@
 // set (the lanes are explicit, the same in every instance).
 #include "fsam/capi.h"
 #include "fsam/math.h"
+#include "fsam/tables.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FSAM_X86 1
@@ -180,13 +181,18 @@ struct Chunk {
   int64_t end;
 };
 
+// The chunks of fsam::chunk_starts (the chunk table the CUDA launches use too), listed.
 std::vector<Chunk> make_chunks(const fsam_tensor_t* t, int64_t n, int64_t* total) {
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> starts(n + 1);
+  std::vector<Chunk> chunks((size_t)fsam::chunk_starts(t, n, kChunk, starts.data()));
   int64_t elems = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = t[i].numel;
     elems += numel;
-    for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({i, b, std::min(numel, b + kChunk)});
+    for (int64_t c = starts[i]; c < starts[i + 1]; ++c) {
+      const int64_t b = (c - starts[i]) * kChunk;
+      chunks[c] = {i, b, std::min(numel, b + kChunk)};
+    }
   }
   *total = elems;
   return chunks;
@@ -203,16 +209,10 @@ void parallel_chunks(const std::vector<Chunk>& chunks, int64_t total_elems, F&& 
   pool().run((int64_t)chunks.size(), fn);
 }
 
-bool supported_pair(int32_t pd, int32_t gd) {
-  if (pd == fsam::kF64) return gd == fsam::kF64;
-  return (pd == fsam::kF32 || pd == fsam::kF16 || pd == fsam::kBF16) &&
-         (gd == fsam::kF32 || gd == fsam::kF16 || gd == fsam::kBF16);
-}
-
 int check_pairs(const fsam_tensor_t* t, int64_t n, const char* op) {
   for (int64_t i = 0; i < n; ++i) {
     if (t[i].numel < 0) return fail(std::string(op) + ": tensor " + std::to_string(i) + " has numel < 0");
-    if (!supported_pair(t[i].p_dtype, t[i].g_dtype))
+    if (!fsam::supported_pair(t[i].p_dtype, t[i].g_dtype))
       return fail(std::string(op) + ": tensor " + std::to_string(i) +
                   ": unsupported (param/state dtype, grad dtype) codes (" +
                   std::to_string(t[i].p_dtype) + ", " + std::to_string(t[i].g_dtype) + ")");
@@ -240,9 +240,7 @@ void with_p(int32_t pd, F&& f) {
   }
 }
 
-template <class T> struct Work { using type = float; };
-template <> struct Work<double> { using type = double; };
-template <> struct Work<const double> { using type = double; };
+using fsam::Work;
 
 // Per-tensor 1 - beta2^t (double) for the preconditioned direction, or 0
 // where the plain direction applies (not preconditioned, or t < 1).
@@ -250,9 +248,7 @@ std::vector<double> precond_bc2(const fsam_tensor_t* t, int64_t n, bool precondi
   std::vector<double> bc2(n, 0.0);
   if (!precondition) return bc2;
   for (int64_t i = 0; i < n; ++i) {
-    if (t[i].numel == 0 || t[i].step == nullptr) continue;
-    const double step = (double)*t[i].step;
-    if (step >= 1.0) bc2[i] = 1.0 - std::pow(beta2, step);
+    if (t[i].numel != 0) bc2[i] = fsam::precond_bc2(t[i].step, true, beta2);
   }
   return bc2;
 }
@@ -391,18 +387,7 @@ void copy_bytes(int isa, bool nt, void* dst, const void* src, size_t bytes) {
   store_fence();
 }
 
-template <class W>
-AdamWCoef<W> cast_coef(const AdamWCoef<double>& c) {
-  AdamWCoef<W> r;
-  r.decay = (W)c.decay;
-  r.lerp_w = (W)c.lerp_w;
-  r.beta2 = (W)c.beta2;
-  r.one_minus_beta2 = (W)c.one_minus_beta2;
-  r.neg_step_size = (W)c.neg_step_size;
-  r.bc2_sqrt = (W)c.bc2_sqrt;
-  r.eps = (W)c.eps;
-  return r;
-}
+using fsam::cast_coef;
 
 }  // namespace
 
@@ -412,6 +397,10 @@ extern "C" {
 int fsam_cpu_api_version(void) { return FSAM_API_VERSION; }
 const char* fsam_cpu_last_error(void) { return g_error.c_str(); }
 int64_t fsam_cpu_chunk_size(void) { return kChunk; }
+
+int64_t fsam_cpu_chunk_starts(const fsam_tensor_t* t, int64_t n, int64_t chunk, int64_t* starts) {
+  return fsam::chunk_starts(t, n, chunk, starts);
+}
 
 void fsam_cpu_set_num_threads(int n) {
   std::lock_guard<std::mutex> lk(g_pool_mu);

@@ -23,6 +23,7 @@
 // the grid-stride loops wrap. Nothing else differs.
 #include "fsam/capi.h"
 #include "fsam/math.h"
+#include "fsam/tables.h"
 
 #if defined(FSAM_CUDA_EMULATE)
 #include "fsam/cuda_emu.h"
@@ -98,8 +99,7 @@ unsigned grid_for(int64_t n_tiles) {
   return (unsigned)(g < 1 ? 1 : g);
 }
 
-template <class T> struct Work { using type = float; };
-template <> struct Work<double> { using type = double; };
+using fsam::Work;
 
 // elements in flight per thread: fewer for double (register pressure)
 template <class W> struct Ilp { static constexpr int value = kILP; };
@@ -134,38 +134,12 @@ __device__ __forceinline__ TileRef locate(const fsam_tensor_t* __restrict__ t,
   return r;
 }
 
-// Dispatch on (param/state dtype, grad dtype) to FN<P, G>(args...).
-#define FSAM_DISPATCH_PG(PD, GD, FN, ...)                                      \
-  do {                                                                         \
-    switch (PD) {                                                              \
-      case fsam::kF32:                                                         \
-        if (GD == fsam::kF32) FN<float, float>(__VA_ARGS__);                   \
-        else if (GD == fsam::kF16) FN<float, half_t>(__VA_ARGS__);             \
-        else if (GD == fsam::kBF16) FN<float, bf16_t>(__VA_ARGS__);            \
-        break;                                                                 \
-      case fsam::kF16:                                                         \
-        if (GD == fsam::kF32) FN<half_t, float>(__VA_ARGS__);                  \
-        else if (GD == fsam::kF16) FN<half_t, half_t>(__VA_ARGS__);            \
-        else if (GD == fsam::kBF16) FN<half_t, bf16_t>(__VA_ARGS__);           \
-        break;                                                                 \
-      case fsam::kBF16:                                                        \
-        if (GD == fsam::kF32) FN<bf16_t, float>(__VA_ARGS__);                  \
-        else if (GD == fsam::kF16) FN<bf16_t, half_t>(__VA_ARGS__);            \
-        else if (GD == fsam::kBF16) FN<bf16_t, bf16_t>(__VA_ARGS__);           \
-        break;                                                                 \
-      case fsam::kF64:                                                         \
-        if (GD == fsam::kF64) FN<double, double>(__VA_ARGS__);                 \
-        break;                                                                 \
-      default: break;                                                          \
-    }                                                                          \
-  } while (0)
+// FSAM_DISPATCH_PG (fsam/tables.h): the (param/state dtype, grad dtype) pairs.
 
 // Per-tensor 1 - beta2^t for the preconditioned direction (0: plain direction).
 __device__ __forceinline__ double precond_bc2(const fsam_tensor_t& r, int precondition,
                                               double beta2) {
-  if (!precondition || r.step == nullptr) return 0.0;
-  const double step = (double)*r.step;
-  return step >= 1.0 ? 1.0 - pow(beta2, step) : 0.0;
+  return fsam::precond_bc2(r.step, precondition != 0, beta2);
 }
 
 // Block-wide sum with a fixed tree (deterministic). All threads must call it.
@@ -320,14 +294,7 @@ __device__ __forceinline__ void adamw_tile(const fsam_tensor_t& r, const TileRef
   const G* __restrict__ g = (const G*)r.g + tr.begin;
   W* __restrict__ m = (W*)r.m + tr.begin;
   W* __restrict__ v = (W*)r.v + tr.begin;
-  AdamWCoef<W> c;
-  c.decay = (W)cd.decay;
-  c.lerp_w = (W)cd.lerp_w;
-  c.beta2 = (W)cd.beta2;
-  c.one_minus_beta2 = (W)cd.one_minus_beta2;
-  c.neg_step_size = (W)cd.neg_step_size;
-  c.bc2_sqrt = (W)cd.bc2_sqrt;
-  c.eps = (W)cd.eps;
+  const AdamWCoef<W> c = fsam::cast_coef<W>(cd);
   const W gs = (W)gs32;
   for (int64_t base = 0; base < tr.len; base += (int64_t)blockDim.x * ILP) {
     W gv[ILP], pv[ILP], mv[ILP], vv[ILP];
@@ -406,6 +373,10 @@ extern "C" {
 int fsam_cuda_api_version(void) { return FSAM_API_VERSION; }
 const char* fsam_cuda_last_error(void) { return g_error.c_str(); }
 int64_t fsam_cuda_tile_size(void) { return kTile; }
+
+int64_t fsam_cuda_chunk_starts(const fsam_tensor_t* t, int64_t n, int64_t tile, int64_t* starts) {
+  return fsam::chunk_starts(t, n, tile, starts);
+}
 
 int fsam_cuda_device_count(void) {
   int n = 0;

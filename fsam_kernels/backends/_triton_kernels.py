@@ -1,16 +1,26 @@
 """Triton kernels of the triton backend (SPEC §6); the host side is triton.py.
 
-Every kernel covers every tensor of one dtype combination in one launch. The
-host builds, in device memory:
+Every element kernel covers every tensor of one dtype combination in one
+launch. For each combination the host (triton.py, which caches the tables by
+their pointers and sizes) passes, in device memory:
 
-- per-role pointer tables (int64 data pointers; one entry per tensor of the
-  combination, same order in every role: params, grads, backups, exp_avgs,
-  exp_avg_sqs, steps),
-- a numel table (int64, one entry per tensor),
+- per-role pointer tables (int64 data pointers, one entry per tensor of the
+  combination, in the same order in every role: params, grads, backups,
+  exp_avgs, exp_avg_sqs),
+- a numel table (int64, one entry per tensor of the combination),
 - a tile table: for program ``pid``, ``tile_tensor[pid]`` is the tensor index
-  and ``tile_chunk[pid]`` the chunk index inside that tensor (int32 each);
-  a chunk is ``CHUNK`` consecutive elements in memory order, processed in
-  ``CHUNK // BLOCK`` blocks.
+  (within the combination) and ``tile_chunk[pid]`` the chunk index inside
+  that tensor (int32 each); a chunk is ``CHUNK`` consecutive elements in
+  memory order, processed in ``CHUNK // BLOCK`` blocks,
+- the coefficient buffer of the call (below) offset to the combination's
+  first tensor.
+
+Launches per call: ``coef_kernel`` once (restore_adamw always; sq_norm and
+perturb when preconditioned) over one step pointer table of every tensor of
+the call, in launch order (the combinations one after another; in
+restore_adamw the empty tensors last, their steps count too); then one
+element kernel per combination; sq_norm adds ``sq_norm_finish_kernel``, and a
+perturb with no non-empty tensor runs only ``flag_nonfinite_kernel``.
 
 All element offsets are int64. Hyperparameters are runtime scalars (never
 ``tl.constexpr``); values whose float32 rounding would show in the result are
@@ -18,8 +28,9 @@ passed as a (hi, lo) float32 pair and re-joined in float64 inside the kernel.
 
 Per-tensor step-dependent coefficients (bias corrections ``1 - beta**t``) are
 computed once per call by ``coef_kernel`` in float64, from the steps read
-through a step pointer table, into a small float64 buffer (two values per
-tensor) that the element kernels read by tensor index. For AdamW the same
+through the step pointer table, into a small float64 buffer (two values per
+tensor) that the element kernels read by tensor index (from their
+combination's offset). For AdamW the same
 kernel increments the steps, after reading them and before any element
 kernel runs, so no tile ever sees a half-updated step.
 
@@ -37,8 +48,10 @@ tile), added in float64 in a fixed order into the float64 ``out``; the
 perturbation kernel reads that float64 value, tests it for finiteness, and
 rounds it once to float32 to form the scale.
 
-The small shared pieces are ``@triton.jit`` helpers (inlined when compiled;
-each call costs some time under the interpreter, so there are few).
+The per-element pieces shared by the kernels (``_join``, ``_div``,
+``_finite64``, ``_to_param``, ``_unscale``, ``_direction``: the Triton
+counterparts of csrc/include/fsam/math.h) are ``@triton.jit`` helpers,
+inlined when compiled.
 """
 
 import triton

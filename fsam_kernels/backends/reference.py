@@ -32,13 +32,26 @@ def _unscaled(g: Tensor, grad_scale: Optional[Tensor], dtype: torch.dtype) -> Te
     return g
 
 
-def _direction(g: Tensor, v: Optional[Tensor], t: float, *, beta2: float, eps: float,
-               precondition: bool) -> Tensor:
-    """d of SPEC §1 for one tensor (g already unscaled, float32/64)."""
+def ascent_direction(g: Tensor, v: Optional[Tensor], t: float, *, beta2: float, eps: float,
+                     precondition: bool = True) -> Tensor:
+    """The per-element ascent direction d of SPEC §1 for one tensor: the one
+    Python definition (the reference backend and
+    :func:`fsam_kernels.diagnostics.ascent_direction` use it; the C++/CUDA
+    kernels' is ``fsam::precond_direction`` in csrc/include/fsam/math.h, the
+    Triton kernels' ``_direction`` in _triton_kernels.py).
+
+    ``d = g / (sqrt(v / (1 - beta2**t)) + eps)`` when ``precondition`` and
+    ``t >= 1``, else ``d = g`` (returned as is). ``g``: the unscaled grad in
+    the working dtype (float32, float64 for float64 parameters); ``v``: the
+    exp_avg_sq, same shape and dtype (unused, may be None, when the plain
+    direction applies); ``t``: the step as a Python number; the bias
+    correction is formed in float64 as a Python float. Returns a new tensor
+    of ``g``'s dtype (or ``g``)."""
     if precondition and t >= 1:
         bc2 = 1.0 - beta2 ** t
         return g / ((v / bc2).sqrt() + eps)
     return g
+
 
 
 def _work_dtype(p: Tensor) -> torch.dtype:
@@ -58,7 +71,7 @@ class ReferenceBackend(Backend):
             gg = _unscaled(g, grad_scale, wd)
             v = exp_avg_sqs[i] if precondition else None
             t = steps[i].item() if precondition else 0.0
-            d = _direction(gg, v, t, beta2=beta2, eps=eps, precondition=precondition)
+            d = ascent_direction(gg, v, t, beta2=beta2, eps=eps, precondition=precondition)
             total += d.double().square().sum().to(total.device)
         out.add_(total.to(out.dtype))
 
@@ -80,7 +93,7 @@ class ReferenceBackend(Backend):
             gg = _unscaled(grads[i], grad_scale, wd)
             v = exp_avg_sqs[i] if precondition else None
             t = steps[i].item() if precondition else 0.0
-            d = _direction(gg, v, t, beta2=beta2, eps=eps, precondition=precondition)
+            d = ascent_direction(gg, v, t, beta2=beta2, eps=eps, precondition=precondition)
             e = d * scale32.to(device=p.device, dtype=wd)
             p.copy_((p.to(wd) + e).to(p.dtype))
 

@@ -46,10 +46,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend
-from .layout import is_dense, same_layout
-
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_GRAD_DTYPES = _PARAM_DTYPES
+from . import layout as L
 
 #: maximum number of cached device tables (pointer and tile tables together)
 _CACHE_SIZE = 256
@@ -102,87 +99,9 @@ def _split(x: float) -> Tuple[float, float]:
     return hi, lo
 
 
-# ---------------------------------------------------------------- layout checks
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, strides {tuple(t.stride())}, dtype {t.dtype}"
-
-
-def _check_len(name: str, xs, n: int) -> None:
-    if xs is None or len(xs) != n:
-        got = "None" if xs is None else len(xs)
-        raise ValueError(f"triton backend: {name} has length {got}; expected {n}")
-
-
-def _check_param(i: int, p: Tensor, device: torch.device) -> None:
-    if p.dtype not in _PARAM_DTYPES:
-        raise TypeError(f"triton backend: params[{i}] has dtype {p.dtype}; expected one of "
-                        f"float32, float16, bfloat16, float64")
-    if p.device != device:
-        raise ValueError(f"triton backend: params[{i}] is on {p.device}; expected {device} "
-                         f"(one call covers one device)")
-    if p.numel() and not is_dense(p):
-        raise ValueError(f"triton backend: params[{i}] ({_describe(p)}) is not dense and "
-                         f"non-overlapping; the fused kernels need a dense parameter "
-                         f"(any dimension order)")
-
-
-def _check_like(name: str, i: int, t: Tensor, p: Tensor, dtype: torch.dtype) -> None:
-    """``t`` (a backup or state tensor) must match ``p``'s shape, strides and device."""
-    if t is None:
-        raise ValueError(f"triton backend: {name}[{i}] is None")
-    if t.dtype != dtype:
-        raise TypeError(f"triton backend: {name}[{i}] has dtype {t.dtype}; expected {dtype} "
-                        f"for a {p.dtype} parameter")
-    if t.device != p.device:
-        raise ValueError(f"triton backend: {name}[{i}] is on {t.device}; expected {p.device}")
-    if not same_layout(t, p):
-        raise ValueError(f"triton backend: {name}[{i}] ({_describe(t)}) does not have the "
-                         f"layout of its parameter ({_describe(p)}); create it with "
-                         f"torch.zeros_like / torch.empty_like(param)")
-
-
-def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _check_step(i: int, s: Tensor, device: torch.device) -> None:
-    if s is None or not isinstance(s, Tensor) or s.dim() != 0 or s.dtype != torch.float32:
-        desc = "None" if s is None else (
-            f"{s.dtype} of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__)
-        raise TypeError(f"triton backend: steps[{i}] is {desc}; expected a 0-d float32 tensor")
-    if s.device != device:
-        raise ValueError(f"triton backend: steps[{i}] is on {s.device}; expected {device}")
-
-
-def _check_scalar(name: str, t: Optional[Tensor], device: torch.device,
-                  dtype=torch.float32) -> None:
-    if t is None:
-        return
-    if t.numel() != 1 or t.dtype != dtype:
-        raise TypeError(f"triton backend: {name} is {t.dtype} of shape {tuple(t.shape)}; "
-                        f"expected a 0-d {dtype} tensor")
-    if t.device != device:
-        raise ValueError(f"triton backend: {name} is on {t.device}; expected {device}")
-
-
-def _grad_in_layout(i: int, g: Tensor, like: Tensor) -> Tensor:
-    """``g`` in the memory layout of ``like`` (copied there when the strides differ)."""
-    if g is None:
-        raise ValueError(f"triton backend: grads[{i}] is None (the optimizer passes only "
-                         f"parameters that have a grad)")
-    if g.dtype not in _GRAD_DTYPES:
-        raise TypeError(f"triton backend: grads[{i}] has dtype {g.dtype}; expected a "
-                        f"floating dtype")
-    if g.shape != like.shape:
-        raise ValueError(f"triton backend: grads[{i}] has shape {tuple(g.shape)}; expected "
-                         f"{tuple(like.shape)}")
-    if g.device != like.device:
-        raise ValueError(f"triton backend: grads[{i}] is on {g.device}; expected {like.device}")
-    if g.numel() == 0 or same_layout(g, like):
-        return g
-    out = torch.empty_like(like, dtype=g.dtype)  # preserves like's strides (dense)
-    out.copy_(g)
-    return out
+def _given(xs):
+    """A required list argument for the length checks (None has no entries)."""
+    return () if xs is None else xs
 
 
 # ----------------------------------------------------------------- the backend
@@ -304,36 +223,13 @@ class TritonBackend(Backend):
         if out.dtype != self.norm_dtype or out.numel() != 1:
             raise TypeError(f"triton backend: out is {out.dtype} of shape {tuple(out.shape)}; "
                             f"expected a 0-d float64 tensor (norm_dtype, SPEC §1)")
+        op = "triton sq_norm"
         device = out.device
         n = len(grads)
-        _check_scalar("grad_scale", grad_scale, device)
+        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
         if precondition:
-            _check_len("exp_avg_sqs", exp_avg_sqs, n)
-            _check_len("steps", steps, n)
-        gs: List[Tensor] = []
-        for i, g in enumerate(grads):
-            if g is None:
-                raise ValueError(f"triton backend: grads[{i}] is None")
-            if g.device != device:
-                raise ValueError(f"triton backend: grads[{i}] is on {g.device}; expected "
-                                 f"{device} (the device of out)")
-            if precondition:
-                v = exp_avg_sqs[i]
-                if v is None or v.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"triton backend: exp_avg_sqs[{i}] must be a float32 or "
-                                    f"float64 tensor")
-                _check_step(i, steps[i], device)
-                if v.numel() and not is_dense(v):
-                    raise ValueError(f"triton backend: exp_avg_sqs[{i}] ({_describe(v)}) is not "
-                                     f"dense and non-overlapping")
-                g = _grad_in_layout(i, g, v)
-            else:
-                if g.dtype not in _GRAD_DTYPES:
-                    raise TypeError(f"triton backend: grads[{i}] has dtype {g.dtype}; "
-                                    f"expected a floating dtype")
-                if g.numel() and not is_dense(g):
-                    g = g.contiguous()  # Σ g² does not depend on the order
-            gs.append(g)
+            L.check_lengths(op, n, exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
+        gs = L.check_norm_args(op, grads, exp_avg_sqs, steps, precondition, device, False)
 
         live = [i for i in range(n) if gs[i].numel() > 0]
         if not live:
@@ -377,24 +273,18 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ perturb
     def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq,
                 norm_eps, beta2, eps, precondition, grad_scale, found_inf, cache=None):
+        op = "triton perturb"
         n = len(params)
-        _check_len("grads", grads, n)
-        _check_len("backups", backups, n)
+        L.check_lengths(op, n, grads=_given(grads), backups=_given(backups))
         if precondition:
-            _check_len("exp_avg_sqs", exp_avg_sqs, n)
-            _check_len("steps", steps, n)
+            L.check_lengths(op, n, exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
         device = found_inf.device
-        _check_scalar("found_inf", found_inf, device)
-        _check_scalar("norm_sq", norm_sq, device, self.norm_dtype)
-        _check_scalar("grad_scale", grad_scale, device)
-        gs: List[Tensor] = []
-        for i, p in enumerate(params):
-            _check_param(i, p, device)
-            _check_like("backups", i, backups[i], p, p.dtype)
-            if precondition:
-                _check_like("exp_avg_sqs", i, exp_avg_sqs[i], p, _state_dtype(p))
-                _check_step(i, steps[i], device)
-            gs.append(_grad_in_layout(i, grads[i], p))
+        L.check_scalar(found_inf, "found_inf", device, op)
+        L.check_scalar(norm_sq, "norm_sq", device, op, dtype=self.norm_dtype)
+        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
+        gs = L.check_update_args(op, params, grads, backups, None,
+                                 exp_avg_sqs if precondition else None,
+                                 steps if precondition else None, device, False)
 
         k = _kernels()
         live = [i for i in range(n) if params[i].numel() > 0]
@@ -435,25 +325,15 @@ class TritonBackend(Backend):
     def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *,
                       lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                       found_inf, cache=None):
+        op = "triton restore_adamw"
         n = len(params)
-        _check_len("grads", grads, n)
-        if backups is not None:
-            _check_len("backups", backups, n)
-        _check_len("exp_avgs", exp_avgs, n)
-        _check_len("exp_avg_sqs", exp_avg_sqs, n)
-        _check_len("steps", steps, n)
+        L.check_lengths(op, n, grads=_given(grads), backups=backups, exp_avgs=_given(exp_avgs),
+                        exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
         device = found_inf.device
-        _check_scalar("found_inf", found_inf, device)
-        _check_scalar("grad_scale", grad_scale, device)
-        gs: List[Tensor] = []
-        for i, p in enumerate(params):
-            _check_param(i, p, device)
-            if backups is not None:
-                _check_like("backups", i, backups[i], p, p.dtype)
-            _check_like("exp_avgs", i, exp_avgs[i], p, _state_dtype(p))
-            _check_like("exp_avg_sqs", i, exp_avg_sqs[i], p, _state_dtype(p))
-            _check_step(i, steps[i], device)
-            gs.append(_grad_in_layout(i, grads[i], p))
+        L.check_scalar(found_inf, "found_inf", device, op)
+        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
+        gs = L.check_update_args(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
+                                 device, False)
         if n == 0:
             return
         k = _kernels()
@@ -498,14 +378,13 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ restore
     def restore(self, params, backups, *, cache=None):
+        op = "triton restore"
         n = len(params)
-        _check_len("backups", backups, n)
+        L.check_lengths(op, n, backups=_given(backups))
         if n == 0:
             return
         device = params[0].device
-        for i, p in enumerate(params):
-            _check_param(i, p, device)
-            _check_like("backups", i, backups[i], p, p.dtype)
+        L.check_update_args(op, params, None, backups, None, None, None, device, False)
         live = [i for i in range(n) if params[i].numel() > 0]
         if not live:
             return

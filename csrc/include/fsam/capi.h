@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define FSAM_API_VERSION 3  /* 3: N² is a double (SPEC §1) */
+#define FSAM_API_VERSION 4  /* 3: N² is a double (SPEC §1); 4: *_chunk_starts */
 
 #if defined(_WIN32)
 #define FSAM_API __declspec(dllexport)
@@ -63,6 +63,11 @@ FSAM_API const char* fsam_cpu_last_error(void);
 /* elements per chunk: every tensor is cut into chunks of this size and the
  * chunks of all tensors are spread over the threads of one parallel region */
 FSAM_API int64_t fsam_cpu_chunk_size(void);
+/* The chunk table of a call (host memory; fsam/tables.h): starts[i] = the
+ * first chunk of tensor i, chunks of `chunk` elements, starts[n] = the number
+ * of chunks (returned). n + 1 entries. */
+FSAM_API int64_t fsam_cpu_chunk_starts(const fsam_tensor_t* t, int64_t n, int64_t chunk,
+                                       int64_t* starts);
 FSAM_API void fsam_cpu_set_num_threads(int n);   /* n <= 0: the machine's CPU count */
 FSAM_API int fsam_cpu_get_num_threads(void);
 /* Instruction set of the kernels: 0 baseline (the build's flags, x86-64-v2),
@@ -127,6 +132,10 @@ FSAM_API int fsam_cpu_cast(const void* src, int32_t src_dtype, void* dst, int32_
 FSAM_API int fsam_cuda_api_version(void);
 FSAM_API const char* fsam_cuda_last_error(void);
 FSAM_API int64_t fsam_cuda_tile_size(void);
+/* fsam_cpu_chunk_starts of this library's build, on HOST memory: the chunk
+ * table the launches take (chunk = fsam_cuda_tile_size()), before upload. */
+FSAM_API int64_t fsam_cuda_chunk_starts(const fsam_tensor_t* t, int64_t n, int64_t tile,
+                                        int64_t* starts);
 FSAM_API int fsam_cuda_device_count(void);
 
 /* partials: device double workspace of n_tiles entries (one partial per tile,

@@ -138,6 +138,10 @@ FSAM_HD bool perturb_scale(double norm_sq, float rho, float norm_eps, float* sca
 template <class W>
 FSAM_HD W perturbed(W p, W d, W scale) { return p + d * scale; }
 
+// 1 - beta^t, in double (SPEC §1, §3: the bias corrections are computed in
+// float64 and rounded once to W where they are used).
+FSAM_HD double bias_correction(double beta, double t) { return 1.0 - pow(beta, t); }
+
 // ---- SPEC §3: AdamW (torch.optim.AdamW semantics) ----
 // Coefficients of one tensor at step t (after the increment), computed once
 // per tensor (per tile on the GPU) in double and rounded to W as the
@@ -161,8 +165,8 @@ FSAM_HD AdamWCoef<W> adamw_coef(double t, double lr, double beta1, double beta2,
   c.lerp_w = (W)(1.0 - beta1);
   c.beta2 = (W)beta2;
   c.one_minus_beta2 = (W)(1.0 - beta2);
-  const double bc1 = 1.0 - pow(beta1, t);
-  const double bc2 = 1.0 - pow(beta2, t);
+  const double bc1 = bias_correction(beta1, t);
+  const double bc2 = bias_correction(beta2, t);
   c.neg_step_size = (W)(-(lr / bc1));
   c.bc2_sqrt = (W)sqrt(bc2);
   c.eps = (W)eps;
