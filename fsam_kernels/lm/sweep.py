@@ -508,8 +508,9 @@ def format_report(rep: dict) -> str:
         L.append(f"| {r['name']} | " + " | ".join("--" if v is None else f"{v:.4g}" for v in vals) + " |")
     L += ["", f"λ_max: largest Hessian eigenvalue (Lanczos, 10 iterations); trace: Hutchinson "
           "estimate (5 samples); ‖δ_logit‖, ‖δ_func‖: the logit- and functional-path parts of "
-          "the SAM correction g_SAM − g at the plain ρ = {DIAG_RHO:g} for every run, "
-          "'precond.' with the preconditioned direction at the run's own ρ (0.2 for AdamW and plain SAM/FSAM); see fsam_kernels.diagnostics.decompose."]
+          f"the SAM correction g_SAM − g at the plain ρ = {DIAG_RHO:g} for every run, "
+          "'precond.' with the preconditioned direction at the run's own ρ (0.2 for AdamW and "
+          "plain SAM/FSAM); see fsam_kernels.diagnostics.decompose."]
     if rep["missing"]:
         L += ["", f"## Missing runs ({len(rep['missing'])})", ""] + [f"- {m}" for m in rep["missing"]]
     return "\n".join(L) + "\n"
