@@ -16,9 +16,13 @@ span several tiles and the grid-stride loops wrap.
 :func:`test_emulated_cuda_suite` starts one pytest process with it, which runs
 
 - tests/test_native.py on the ``cuda_emu`` target: the kernel cases of
-  docs/CASES.md A (every dtype pair, sizes around tiles and chunks, empty
-  tensors anywhere, > 1000 tensors, views and layouts, found_inf preset and
-  found by the norm, grad_scale, maximize, determinism, torch.compile);
+  docs/CASES.md A specific to the native kernels (every dtype pair, sizes
+  around tiles and chunks, > 1000 tensors, views and layouts, grad_scale with
+  maximize, the call-site cache, torch.compile);
+- tests/test_conformance.py on ``cuda-cpu``: the kernel cases of docs/CASES.md
+  A written once for every backend (empty tensors, D-A1/D-A2, skips D-C1,
+  grad_scale D-C2, zero grads and low-precision norms D-D1..D-D3, maximize
+  D-F5, non-dense params, determinism D-J1);
 - tests/test_backends.py on ``cuda-cpu``: the optimizer-level cases;
 - the tests below: SAM / FunctionalSAM (plain and preconditioned) optimizer
   steps against ``backend="reference"``, and the emulated build's set-up.
@@ -43,7 +47,8 @@ in_emulated_process = pytest.mark.skipif(
     not EMULATED, reason="runs inside test_emulated_cuda_suite's FSAM_CUDA_EMULATE=1 process")
 
 #: what the emulated process runs (module docstring)
-SUITE = ["tests/test_native.py", "tests/test_backends.py", "tests/test_cuda_emulated.py"]
+SUITE = ["tests/test_native.py", "tests/test_conformance.py", "tests/test_backends.py",
+         "tests/test_cuda_emulated.py"]
 #: the tests of this file that only the parent (non-emulating) process runs
 PARENT_ONLY = ("test_emulated_cuda_suite", "test_cuda_backend_refuses_cpu_tensors_unless_emulated")
 SELECT = "(cuda_emu or cuda-cpu or test_cuda_emulated)" + "".join(f" and not {t}" for t in PARENT_ONLY)
@@ -64,9 +69,9 @@ def test_emulated_cuda_suite():
     summary = res.stdout.strip().splitlines()[-1]
     passed = int(m.group(1)) if (m := re.search(r"(\d+) passed", summary)) else 0
     assert "skipped" not in summary, f"emulated CUDA cases were skipped:\n{tail}"
-    # test_native ~85, test_backends ~29 and this file's cases: far fewer means
-    # the selection lost its targets
-    assert passed >= 100, f"only {passed} emulated CUDA cases ran:\n{tail}"
+    # test_native ~55, test_conformance ~44, test_backends ~29 and this file's
+    # cases (~16): far fewer means the selection lost its targets
+    assert passed >= 130, f"only {passed} emulated CUDA cases ran:\n{tail}"
 
 
 @pytest.mark.skipif(EMULATED, reason="this process emulates CUDA")

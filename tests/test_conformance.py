@@ -1,0 +1,340 @@
+"""The kernel cases of docs/CASES.md section A, each written once, on every backend.
+
+Every test takes the ``target`` fixture (tests/conformance.py): each row of
+``conformance.BACKENDS`` on each device the registry reports it available on
+(foreach, cpu in every instruction set this CPU has, cuda on a GPU or as the
+emulated build in a FSAM_CUDA_EMULATE=1 process, triton on a GPU or through
+the interpreter), against the reference backend or against exact values,
+with SPEC §5's tolerances from the row. Case ids (D-A1 ...) are those of
+../shared/cases/CASES.md; what is specific to one backend (instruction-set
+selection, library loading, the ctypes ABI, ``cache=``, launch counts, Triton
+AOT compilation) stays in tests/test_native.py and tests/test_triton.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conformance import (BF16, BETA1, BETA2, EPS, F16, F32, NORM_EPS, REF, assert_bitwise,
+                         assert_spec_close, assert_states_bitwise, assert_states_close,
+                         clone_state, compare_ops, make_state, sam_step, target, targets)  # noqa: F401 (fixture)
+from helpers import F32_ATOL, NORM_RTOL
+
+PRECOND = pytest.mark.parametrize("precondition", [False, True], ids=["plain", "precond"])
+
+
+# ----------------------------------------------------------------------------
+# A. Empty tensors and empty groups
+# ----------------------------------------------------------------------------
+@targets()
+@pytest.mark.parametrize("precondition,fresh", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "precond", "fresh"])
+def test_DA1_thousand_empty_tensors_then_one(target, precondition, fresh):
+    """D-A1: 1,000 empty tensors and one 8-element one: the 8-element param
+    updates as the reference, N² is its grad's alone, every step is counted."""
+    info, be, device = target
+    shapes = [(0,)] * 1000 + [(8,)]
+    st = make_state(shapes, F32, F32, device, seed=7, steps=[0 if fresh else 2] * 1001,
+                    zero_state=fresh)
+    a, b = clone_state(st), clone_state(st)
+    na, pa, ba, _ = sam_step(be, a, precondition=precondition)
+    nb, pb, _, _ = sam_step(REF, b, precondition=precondition)
+    alone = torch.zeros((), dtype=torch.float64, device=device)
+    REF.sq_norm(st["grads1"][-1:], st["exp_avg_sqs"][-1:], st["steps"][-1:], beta2=BETA2,
+                eps=EPS, precondition=precondition, grad_scale=None, out=alone)
+    torch.testing.assert_close(na.double().cpu(), alone.cpu(), rtol=NORM_RTOL, atol=0)
+    assert_bitwise(ba[-1], st["params"][-1], "backup of the 8-element param")
+    assert_spec_close(pa[-1], pb[-1], "perturbed 8-element param", info.f32_rtol, info.f32_atol)
+    assert_states_close(a, b, "D-A1", info.f32_rtol, info.f32_atol, info)
+    assert all(float(s) == (1.0 if fresh else 3.0) for s in a["steps"])
+
+
+@targets()
+@pytest.mark.parametrize("empty_first", [False, True])
+@pytest.mark.parametrize("wd,expected", [(0.0, 0.9990000001), (0.01, 0.99899)])
+def test_DA2_exact_values(target, empty_first, wd, expected):
+    """D-A2: [16 fp32 ones, empty] (and empty first), grads ones, lr 1e-3:
+    p = 0.9990000001 (wd 0) and 0.99899 (wd 0.01), within F32_ATOL, both
+    variants, and bitwise the reference's."""
+    info, be, device = target
+    shapes = [(0,), (16,)] if empty_first else [(16,), (0,)]
+    for precondition in (False, True):
+        st = make_state(shapes, F32, None, device, steps=[0, 0], p_fill=1.0, g_fill=1.0,
+                        zero_state=True)
+        ref = clone_state(st)
+        sam_step(be, st, precondition=precondition, lr=1e-3, wd=wd)
+        sam_step(REF, ref, precondition=precondition, lr=1e-3, wd=wd)
+        i = 1 if empty_first else 0
+        p = st["params"][i].cpu()
+        torch.testing.assert_close(p, torch.full((16,), expected, dtype=F32), rtol=0,
+                                   atol=F32_ATOL)
+        assert_bitwise(p, ref["params"][i], "D-A2 vs reference")
+
+
+@targets()
+def test_empty_tensor_at_every_position(target):
+    """D-A1/D-A2's kind: an empty tensor first, inside and last, beside tensors
+    that span several chunks (the threaded / multi-program path): every op as
+    the reference."""
+    info, be, device = target
+    n = info.size(device)
+    base = [(5,), (2 * n + 3,), (64, 3), (1,)]
+    for pos in range(len(base) + 1):
+        shapes = base[:pos] + [(0,)] + base[pos:]
+        st = make_state(shapes, F32, F32, device, seed=pos)
+        compare_ops(be, device, st, precondition=pos % 2 == 1, info=info)
+
+
+@targets()
+def test_all_empty_and_no_tensors(target):
+    """No tensors, or only empty ones: N² = 0, every op runs, steps counted;
+    a non-finite N² with no tensors at all still marks the step skipped."""
+    info, be, device = target
+    for shapes in ([], [(0,)], [(0,), (0, 3)]):
+        st = make_state(shapes, F32, F32, device)
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
+        be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
+                   precondition=True, grad_scale=None, out=out)
+        assert float(out) == 0.0
+        fi = torch.zeros((), device=device)
+        be.perturb(st["params"], st["grads1"], [torch.empty_like(p) for p in st["params"]],
+                   None, None, rho=0.05, norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+                   precondition=False, grad_scale=None, found_inf=fi)
+        be.restore_adamw(st["params"], st["grads2"], None, st["exp_avgs"], st["exp_avg_sqs"],
+                         st["steps"], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS,
+                         weight_decay=0.0, maximize=False, grad_scale=None, found_inf=fi)
+        be.restore(st["params"], [p.clone() for p in st["params"]])
+        assert float(fi) == 0.0
+        assert all(float(s) == (i % 4) + 1 for i, s in enumerate(st["steps"]))
+    fi = torch.zeros((), device=device)
+    be.perturb([], [], [], None, None, rho=0.05,
+               norm_sq=torch.tensor(float("inf"), dtype=torch.float64, device=device),
+               norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=False, grad_scale=None,
+               found_inf=fi)
+    assert float(fi) == 1.0
+
+
+# ----------------------------------------------------------------------------
+# C. Non-finite values, loss scaling, skipped steps
+# ----------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf/nan
+@targets()
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@PRECOND
+@pytest.mark.parametrize("preset", [True, False], ids=["found_inf=1", "found_by_norm"])
+def test_DC1_skip_leaves_everything_bitwise(target, bad, precondition, preset):
+    """D-C1: a non-finite grad element in either pass (found_inf preset or
+    found by perturb from N²): params, exp_avg, exp_avg_sq and steps bitwise
+    unchanged, nothing perturbed, the backups still written, found_inf = 1."""
+    info, be, device = target
+    st = make_state([(50,), (0,), (info.size(device) + 1,), (7, 3)], [F32, F32, BF16, BF16],
+                    [None, None, None, F32], device, seed=13, steps=[3, 0, 5, 2])
+    st["grads1"][2][7] = bad
+    st["grads2"][0][3] = bad
+    before = clone_state(st)
+    fi = torch.ones((), device=device) if preset else torch.zeros((), device=device)
+    n, pert, backups, fi = sam_step(be, st, precondition=precondition, found_inf=fi)
+    assert float(fi) == 1.0
+    assert not math.isfinite(float(n))
+    for i in range(4):
+        assert_bitwise(pert[i], before["params"][i], f"perturb skipped params[{i}]")
+        assert_bitwise(backups[i], before["params"][i], f"backups[{i}] still written")
+    assert_states_bitwise(st, before, "skipped")
+
+
+@targets()
+def test_DC1_skip_without_backups(target):
+    """D-C1: restore_adamw with found_inf = 1 and no backups changes nothing."""
+    info, be, device = target
+    st = make_state([(50,), (7,)], F32, None, device, seed=14)
+    before = clone_state(st)
+    be.restore_adamw(st["params"], st["grads2"], None, st["exp_avgs"], st["exp_avg_sqs"],
+                     st["steps"], lr=1e-3, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.1,
+                     maximize=False, grad_scale=None, found_inf=torch.ones((), device=device))
+    assert_states_bitwise(st, before)
+
+
+@targets()
+@PRECOND
+@pytest.mark.parametrize("gdtype", [F32, BF16, F16, "mixed"],
+                         ids=["float32", "bfloat16", "float16", "mixed"])
+def test_DC2_grad_scale_equals_unscaled(target, precondition, gdtype):
+    """D-C2: grads pre-multiplied by 1024 with grad_scale = 1024 give bitwise
+    the unscaled run of the same backend (division by a power of two is
+    exact), and the reference within SPEC §5 (N², perturbed params, state)."""
+    info, be, device = target
+    gd = [F32, BF16, F32] if gdtype == "mixed" else gdtype
+    st = make_state([(300,), (0,), (info.size(device) + 9,)], F32, gd, device, seed=15)
+    if gdtype == F16:  # keep grad * 1024 finite in fp16
+        for k in ("grads1", "grads2"):
+            st[k] = [(g.float() / 64).to(gdtype) for g in st[k]]
+    scaled, plain, ref = clone_state(st), clone_state(st), clone_state(st)
+    for k in ("grads1", "grads2"):
+        scaled[k] = [g * 1024 for g in scaled[k]]
+    gs = torch.tensor(1024.0, device=device)
+    ns, ps, _, _ = sam_step(be, scaled, precondition=precondition, grad_scale=gs)
+    nu, pu, _, _ = sam_step(be, plain, precondition=precondition)
+    nr, pr, _, _ = sam_step(REF, ref, precondition=precondition)
+    assert_bitwise(ns, nu, "N² scaled vs unscaled")
+    for i in range(3):
+        assert_bitwise(ps[i], pu[i], f"perturbed[{i}]")
+        assert_spec_close(ps[i], pr[i], f"perturbed[{i}] vs reference", info.f32_rtol,
+                          info.f32_atol)
+    assert_states_bitwise(scaled, plain, "scaled vs unscaled")
+    torch.testing.assert_close(ns.double().cpu(), nr.cpu(), rtol=NORM_RTOL, atol=0)
+    assert_states_close(scaled, ref, "scaled vs reference", info.f32_rtol, info.f32_atol, info)
+
+
+# ----------------------------------------------------------------------------
+# D. Zero grads, fp16 accumulation, low-precision norms
+# ----------------------------------------------------------------------------
+@targets()
+@PRECOND
+def test_DD1_zero_grads(target, precondition):
+    """D-D1: every grad 0, p = 1, rho 0.05, wd 0.01, lr 1e-3: N² = 0, no NaN,
+    perturbation exactly 0, p = 0.99999 (within F32_ATOL; bitwise the float32
+    0.99999 and the reference's)."""
+    info, be, device = target
+    st = make_state([(100,), (0,), (33,), (3, 4)], F32, None, device, p_fill=1.0, g_fill=0.0,
+                    steps=[0, 0, 0, 0], zero_state=True)
+    ref = clone_state(st)
+    n, pert, _, fi = sam_step(be, st, precondition=precondition, rho=0.05, lr=1e-3, wd=0.01)
+    sam_step(REF, ref, precondition=precondition, rho=0.05, lr=1e-3, wd=0.01)
+    assert float(n) == 0.0 and float(fi) == 0.0
+    for i, p in enumerate(pert):
+        assert_bitwise(p, torch.ones_like(p), f"zero perturbation [{i}]")
+    for i, (p, q) in enumerate(zip(st["params"], ref["params"])):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.cpu(), torch.full(p.shape, 0.99999), rtol=0, atol=F32_ATOL)
+        assert_bitwise(p, torch.full_like(p, 0.99999), f"params[{i}] = fl32(0.99999)")
+        assert_bitwise(p, q, f"params[{i}] vs reference")
+
+
+@targets()
+def test_DD1_zero_grad_beside_normal_grad(target):
+    """D-D1: one all-zero grad beside a normal one: N² is the normal one's
+    alone, no NaN, and the step (plain and preconditioned) is the reference's."""
+    info, be, device = target
+    for precondition in (False, True):
+        st = make_state([(100,), (40,)], F32, None, device, seed=16)
+        st["grads1"][0].zero_()
+        st["grads2"][0].zero_()
+        ref, p0 = clone_state(st), st["params"][0].clone()
+        n, pert, _, _ = sam_step(be, st, precondition=precondition)
+        sam_step(REF, ref, precondition=precondition)
+        if not precondition:
+            torch.testing.assert_close(float(n), float((st["grads1"][1].double() ** 2).sum()),
+                                       rtol=NORM_RTOL, atol=0)
+        assert_bitwise(pert[0], p0, "no perturbation where the grad is zero")
+        assert torch.isfinite(torch.cat([p.flatten() for p in st["params"]])).all()
+        assert_states_close(st, ref, "zero beside normal", info.f32_rtol, info.f32_atol, info)
+
+
+@targets()
+@pytest.mark.parametrize("pdtype", [F32, F16])
+def test_DD2_fp16_norm_accumulation(target, pdtype):
+    """D-D2: 1,000 fp16 grads of 10.0: N² = 1e5 finite (sqrt 316.22777), each
+    perturbation element 0.05 * 10 / 316.22777 = 0.00158114."""
+    info, be, device = target
+    st = make_state([(1000,)], pdtype, F16, device, p_fill=0.0, g_fill=10.0, steps=[0])
+    n, pert, _, fi = sam_step(be, st, precondition=False, rho=0.05)
+    assert float(fi) == 0.0 and math.isfinite(float(n))
+    assert float(n) == pytest.approx(1000 * 10.0 ** 2, rel=NORM_RTOL)
+    assert math.isclose(math.sqrt(float(n)), 316.22777, rel_tol=1e-7)
+    expected = torch.full((1000,), 0.05 * 10.0 / (math.sqrt(1000 * 100.0) + NORM_EPS),
+                          dtype=torch.float64)
+    if pdtype == F32:
+        torch.testing.assert_close(pert[0].double().cpu(), expected, rtol=info.f32_rtol, atol=0)
+        assert math.isclose(float(pert[0][0]), 0.00158114, rel_tol=1e-5)
+    else:
+        assert_spec_close(pert[0].cpu(), expected.to(pdtype), "fp16 perturbation", ulps=info.ulps)
+
+
+@targets()
+def test_DD3_low_precision_ones_norms(target):
+    """D-D3: 1,000,000 bf16 ones have norm 1000, 65,536 fp16 ones 256 (NORM_RTOL)."""
+    info, be, device = target
+    for dtype, n, expected in ((BF16, 1_000_000, 1000.0), (F16, 65536, 256.0)):
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
+        be.sq_norm([torch.ones(n, dtype=dtype, device=device)], None, None, beta2=BETA2, eps=EPS,
+                   precondition=False, grad_scale=None, out=out)
+        assert math.isclose(math.sqrt(float(out)), expected, rel_tol=NORM_RTOL)
+
+
+# ----------------------------------------------------------------------------
+# E. Layouts
+# ----------------------------------------------------------------------------
+@targets()
+def test_DE2_non_dense_param_is_a_clear_error(target):
+    """D-E2's other side: a strided (every other column) or expanded
+    (overlapping) param is refused with ValueError naming it, never updated
+    in the wrong place."""
+    info, be, device = target
+    if be.name == "foreach":
+        pytest.skip("foreach: torch's own ops handle any layout by logical index")
+    w = torch.randn(16, 32, device=device)
+    for bad in (w[:, ::2], torch.randn(1, 5, device=device).expand(3, 5)):
+        params = [torch.randn(4, device=device), bad]
+        grads = [torch.randn_like(p) for p in params]
+        out = torch.zeros((), dtype=be.norm_dtype, device=device)
+        with pytest.raises(ValueError, match=r"params\[1\].*not dense"):
+            be.perturb(params, grads, [torch.empty_like(p) for p in params], None, None,
+                       rho=0.05, norm_sq=out, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS,
+                       precondition=False, grad_scale=None,
+                       found_inf=torch.zeros((), device=device))
+        with pytest.raises(ValueError, match=r"params\[1\]"):
+            be.restore(params, [torch.empty_like(p) for p in params])
+    overlapping = torch.randn(1, device=device).expand(8)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        be.restore([overlapping], [torch.zeros(8, device=device)])
+
+
+# ----------------------------------------------------------------------------
+# F. Dtypes
+# ----------------------------------------------------------------------------
+@targets()
+@PRECOND
+def test_DF5_maximize_equals_negated_grad(target, precondition):
+    """D-F5: maximize with grad g is bitwise the run with -g and maximize off."""
+    info, be, device = target
+    st = make_state([(200,), (0,), (info.size(device) + 3,)], [F32, F32, BF16], None, device,
+                    seed=17)
+    a, b = clone_state(st), clone_state(st)
+    b["grads2"] = [-g for g in b["grads2"]]
+    sam_step(be, a, precondition=precondition, maximize=True)
+    sam_step(be, b, precondition=precondition, maximize=False)
+    assert_states_bitwise(a, b, "maximize vs negated grad")
+
+
+# ----------------------------------------------------------------------------
+# J. Determinism
+# ----------------------------------------------------------------------------
+def _determinism_run(be, device, big):
+    gen = torch.Generator().manual_seed(20)
+    shapes = []
+    for i in range(200):
+        nd = int(torch.randint(1, 4, (1,), generator=gen))
+        shapes.append(tuple(int(x) for x in torch.randint(0, 40, (nd,), generator=gen)))
+    shapes[7] = (3 * big + 5,)
+    shapes[150] = (2 * big - 1,)
+    st = make_state(shapes, F32, None, device, seed=21)
+    norms = []
+    for step in range(3):
+        n, *_ = sam_step(be, st, precondition=step > 0)
+        norms.append(n.clone())
+    return norms, st
+
+
+@targets()
+def test_DJ1_determinism(target):
+    """D-J1: two runs of 3 steps over 200 params of random shapes (two of them
+    several chunks long), each with a fresh backend object: norms, params and
+    state bitwise identical."""
+    info, be, device = target
+    n1, s1 = _determinism_run(type(be)(), device, info.size(device))
+    n2, s2 = _determinism_run(type(be)(), device, info.size(device))
+    for a, b in zip(n1, n2):
+        assert_bitwise(a, b, "norms")
+    assert_states_bitwise(s1, s2, "second run")
