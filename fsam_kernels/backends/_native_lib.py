@@ -23,7 +23,7 @@ from . import CUDA_EMULATE
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _F64 = 3
 _STATE_CODE = {torch.float32: 0, torch.float64: 3}
-_API_VERSION = 4
+_API_VERSION = 3
 
 
 def library_dir() -> str:
@@ -123,7 +123,8 @@ def _load(state: _Loaded, fname: str, declare, prefix: str):
             declare(lib)
             version = getattr(lib, f"fsam_{prefix}_api_version")()
         except (OSError, AttributeError) as exc:
-            state.error = f"could not load {path}: {exc}"
+            state.error = (f"could not load {path}: {exc} (a library built from older "
+                           f"sources? rebuild it: python setup.py build_native --force)")
             return None
         if version != _API_VERSION:
             state.error = (f"{path} has C API version {version}, expected {_API_VERSION}: "

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define FSAM_API_VERSION 4  /* 3: N² is a double (SPEC §1); 4: *_chunk_starts */
+#define FSAM_API_VERSION 3  /* 3: N² is a double (SPEC §1); later additions (*_chunk_starts) keep it */
 
 #if defined(_WIN32)
 #define FSAM_API __declspec(dllexport)
