@@ -67,7 +67,7 @@ import torch
 
 from . import train as T
 from .data import DataError, prepare_from_args, val_batches
-from .model import GPT, PRESETS, config_for
+from .model import GPT, PRESETS, GPTConfig, config_for
 
 #: the names of the grid (``--optimizers``) plus the compute-matched baseline
 SAM_FAMILY = ("sam", "fsam", "psam", "pfsam")
@@ -339,7 +339,7 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
                     map_location=device, weights_only=True)
     if ck["step"] != spec.steps:
         raise RuntimeError(f"run {spec.run_id}: final checkpoint is at step {ck['step']}, not {spec.steps}")
-    model = GPT(config_for(args.preset, data.vocab_size)).to(device)
+    model = GPT(GPTConfig(**ck["model_config"])).to(device)
     model.load_state_dict(ck["model"])
     t0 = time.perf_counter()
     val_full_loss = T.evaluate(model, val_full, autocast)
@@ -347,6 +347,8 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
     eval_wall = time.perf_counter() - t0
     result = {"run_id": spec.run_id, "name": spec.name, "optimizer": spec.optimizer, "rho": spec.rho,
               "seed": spec.seed, "steps": spec.steps, "phase": spec.phase,
+              # fsam-train's loss head and micro-batches (recorded; older results lack them)
+              "head": getattr(args, "head", "plain"), "grad_accum": getattr(args, "grad_accum", 1),
               "passes_per_step": spec.passes_per_step, "passes": spec.steps * spec.passes_per_step,
               "tokens": summary["tokens"], "wall_s": summary["wall_s"],
               "initial_val_loss": summary["initial_val_loss"], "final_val_loss": summary["final_val_loss"],
