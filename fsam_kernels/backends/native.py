@@ -12,9 +12,10 @@ annotations and fake kernels) that mutate their arguments in place, so
 Preparation and caching: see :func:`_prepare`. One validated record table
 per call site (the Backend interface's ``cache=``), with the CUDA launch table
 (records + chunk table, in device memory) hung on the same entry, so a
-steady-state step copies nothing to the device and never synchronises. Warm
-up one step with the same ``cache`` before capturing a CUDA graph (the first
-call of a new set of tensors builds and uploads its table).
+steady-state step copies nothing to the device and never synchronises (calls
+without a cache find their launch table by content). Warm up one step with
+the same tensors before capturing a CUDA graph (the first call of a new set
+of tensors builds and uploads its table).
 
 Tensor handling (for every operation):
 
@@ -53,6 +54,7 @@ import functools
 import inspect
 import operator
 import re
+import threading
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -341,15 +343,22 @@ class _Prepared:
     __slots__ = ("pinned", "rec", "dev", "numel", "pdtypes", "gdtypes", "pptrs", "storages",
                  "gkey", "tables")
 
-    def __init__(self, rec: _Records):
+    def __init__(self, rec: _Records, cached: bool = True):
         self.rec = rec
-        self.gkey = None
-        self.tables: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.gkey = None      # None for an uncached call: its table is found by content
+        self.tables: "OrderedDict[tuple, tuple]" = OrderedDict() if cached else _BY_CONTENT
 
 
 _is = operator.is_
 _storage_of = Tensor.untyped_storage
 _TABLES_PER_ENTRY = 4   # grad storages alternating between steps (set_to_none + allocator)
+#: launch tables of calls without a usable ``cache`` (lists, cache=None), keyed by
+#: the record table's bytes (the pointers): so that such calls, too, upload
+#: nothing in steady state and can be captured in a CUDA graph after a warm-up.
+#: Cached calls never hash: their tables hang on their entry.
+_BY_CONTENT: "OrderedDict[tuple, tuple]" = OrderedDict()
+_BY_CONTENT_CAP = 64
+_content_lock = threading.Lock()
 
 
 def _pinned_ptrs(pinned) -> tuple:
@@ -375,8 +384,8 @@ def _prepare(op: dict, cache: Optional[dict], a: dict) -> _Prepared:
     means the same storage); the params are checked in full instead (holding
     theirs would keep a model's old weights alive after ``model.half()``).
     Only tables built by the vectorised check (no temporaries) are stored.
-    Calls without a usable cache build their records (and CUDA launch table)
-    afresh each time."""
+    Calls without a usable cache build their records afresh each time; their
+    CUDA launch tables are looked up by content (:data:`_BY_CONTENT`)."""
     name = op["name"]
     if op["kind"] == "norm":
         pre = a["precondition"]
@@ -394,7 +403,7 @@ def _prepare(op: dict, cache: Optional[dict], a: dict) -> _Prepared:
         def build():
             return _build_update(name, *(r[k] for k in _ROLES))
     if cache is None or not all(s is None or type(s) is tuple for s in pinned):
-        return _Prepared(build())   # lists could have an element replaced: never pinned
+        return _Prepared(build(), cached=False)   # lists could change in place: never pinned
     ent = cache.get(slot)
     if ent is not None:
         try:
@@ -460,13 +469,17 @@ def cuda_host_table(records: np.ndarray, tile: int, lib=None):
 def _launch_tables(prep: _Prepared, device: torch.device, lib):
     """``(table, partials, n_tiles)`` of ``prep`` on ``device`` (built and uploaded
     on the first call with these grads, then reused from the entry)."""
-    hit = prep.tables.get(prep.gkey)
-    if hit is not None:
-        return hit
+    tables = prep.tables
+    key = prep.gkey if tables is not _BY_CONTENT else (device.index, prep.rec.a.tobytes())
+    with _content_lock:
+        hit = tables.get(key)
+        if hit is not None:
+            tables.move_to_end(key)
+            return hit
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "fsam_kernels cuda: a new set of tensors reached the kernels during CUDA graph "
-            "capture; run one eager step with the same tensors (the same tuples and cache=) "
+            "capture; run one eager step with the same tensors (and the same cache=, if any) "
             "before capturing (the launch tables are built and uploaded on first use)")
     host, n_tiles = cuda_host_table(prep.rec.a, int(lib.fsam_cuda_tile_size()), lib)
     if device.type == "cuda":
@@ -474,9 +487,10 @@ def _launch_tables(prep: _Prepared, device: torch.device, lib):
     else:  # the emulated CUDA library: host memory
         table = torch.from_numpy(host)
     entry = (table, torch.empty(max(n_tiles, 1), dtype=torch.float64, device=device), n_tiles)
-    prep.tables[prep.gkey] = entry
-    while len(prep.tables) > _TABLES_PER_ENTRY:
-        prep.tables.popitem(last=False)
+    with _content_lock:
+        tables[key] = entry
+        while len(tables) > (_BY_CONTENT_CAP if tables is _BY_CONTENT else _TABLES_PER_ENTRY):
+            tables.popitem(last=False)
     return entry
 
 
