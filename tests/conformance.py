@@ -105,10 +105,13 @@ class BackendInfo:
     small_when: object = None          # callable(device) -> True to use chunk_small
     variants: object = None            # callable() -> [(id, ctx factory)]
 
+    def small(self, device) -> bool:
+        """The kernels are interpreted or emulated on ``device``: keep cases small."""
+        return self.small_when is not None and bool(self.small_when(device))
+
     def size(self, device) -> int:
         """A size around the kernels' chunk/tile on ``device``."""
-        small = self.small_when is not None and self.small_when(device)
-        return self.chunk_small if small else self.chunk
+        return self.chunk_small if self.small(device) else self.chunk
 
     def variant_list(self):
         return list(self.variants()) if self.variants is not None else [("", None)]
@@ -202,18 +205,20 @@ def clone_state(st):
 
 
 def sam_step(be, st, *, precondition, rho=0.05, lr=1e-3, wd=0.01, maximize=False,
-             grad_scale=None, found_inf=None, norm_sq=None):
+             grad_scale=None, found_inf=None, norm_sq=None, backups=None):
     """One optimizer-side SAM-AdamW step through the four ops (SPEC §6):
     sq_norm(grads1) -> perturb -> restore_adamw(grads2). ``norm_sq`` given:
-    perturb reads it instead of the computed N². Returns (N², perturbed
-    params, backups, found_inf)."""
+    perturb reads it instead of the computed N²; ``backups`` given: perturb
+    writes them (else new ones each call). Returns (N², perturbed params,
+    backups, found_inf)."""
     device = st["steps"][0].device if st["steps"] else torch.device("cpu")
     out = torch.zeros((), dtype=be.norm_dtype, device=device)
     be.sq_norm(st["grads1"], st["exp_avg_sqs"], st["steps"], beta2=BETA2, eps=EPS,
                precondition=precondition, grad_scale=grad_scale, out=out)
     n2 = out if norm_sq is None else norm_sq
     fi = torch.zeros((), device=device) if found_inf is None else found_inf
-    backups = [torch.empty_like(p) for p in st["params"]]
+    if backups is None:
+        backups = [torch.empty_like(p) for p in st["params"]]
     be.perturb(st["params"], st["grads1"], backups, st["exp_avg_sqs"], st["steps"], rho=rho,
                norm_sq=n2, norm_eps=NORM_EPS, beta2=BETA2, eps=EPS, precondition=precondition,
                grad_scale=grad_scale, found_inf=fi)
@@ -341,4 +346,56 @@ def compare_ops(be, device, st, precondition, *, grad_scale=None, maximize=False
     be.restore(a["params"], saved)
     for i, (p, s) in enumerate(zip(a["params"], saved)):
         assert_bitwise(p, s, f"restore params[{i}]")
+    return a, b
+
+
+def state_for(params, g1, g2, seed=0, t0=3.0, random_state=True):
+    """A ``make_state``-style dict around given params and grads (any layout):
+    exp_avg / exp_avg_sq like the param (``zeros_like``: its layout kept), random
+    (exp_avg 0.1 N(0,1), exp_avg_sq 0.01 U(0,1)^2) unless ``random_state`` is
+    False, and t = ``t0`` for every tensor."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    st = {"params": list(params), "grads1": list(g1), "grads2": list(g2), "exp_avgs": [],
+          "exp_avg_sqs": [], "steps": []}
+    for p in params:
+        m = torch.zeros_like(p, dtype=state_dtype(p.dtype))
+        v = torch.zeros_like(p, dtype=state_dtype(p.dtype))
+        if random_state:
+            m.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            v.copy_(0.01 * torch.rand(p.shape, generator=gen) ** 2)
+        st["exp_avgs"].append(m)
+        st["exp_avg_sqs"].append(v)
+        st["steps"].append(torch.tensor(float(t0), device=p.device))
+    return st
+
+
+def clone_like(st):
+    """``clone_state`` keeping each tensor's strides (channels_last, transposed)."""
+    return {k: [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                if t.numel() else t.clone() for t in v] for k, v in st.items()}
+
+
+def run_parity(be, st, precondition, *, info=None, steps=1, grad_scale=None):
+    """``steps`` full SAM steps of ``be`` and the reference from copies of
+    ``st`` (strides kept): N² within NORM_RTOL (float64 accumulator), found_inf
+    0, backups bitwise the parameters, perturbed params (float64: plus the
+    float32 scale rounding) and state per SPEC §5, F32_RTOL_10 after the first
+    step. Returns (``be``'s state, the reference's)."""
+    from helpers import F32_RTOL_10, NORM_RTOL
+
+    a, b = clone_like(st), clone_like(st)
+    r1 = info.f32_rtol if info is not None else F32_RTOL_1
+    atol = info.f32_atol if info is not None else F32_ATOL
+    for k in range(steps):
+        rtol = r1 if k == 0 else F32_RTOL_10
+        initial = [p.clone() for p in a["params"]]
+        na, pa, ba, fa = sam_step(be, a, precondition=precondition, grad_scale=grad_scale)
+        nb, pb, _, fb = sam_step(REF, b, precondition=precondition, grad_scale=grad_scale)
+        assert na.dtype == torch.float64
+        torch.testing.assert_close(na.double().cpu(), nb.cpu(), rtol=NORM_RTOL, atol=1e-30)
+        assert float(fa) == float(fb) == 0.0
+        for i, (x, y, p0) in enumerate(zip(pa, pb, initial)):
+            assert_bitwise(ba[i], p0, f"backup[{i}] is not bitwise the parameter")
+            assert_spec_close(x, y, f"perturbed p[{i}]", rtol, atol, info=info, initial=p0)
+        assert_states_close(a, b, f"step {k + 1}", rtol, atol, info)
     return a, b
