@@ -22,6 +22,7 @@ Example (manual two-phase loop with accumulation)::
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -29,6 +30,74 @@ import torch
 from torch import Tensor
 
 __all__ = ["CotangentRecorder", "flatten_output", "select_output", "is_model_output"]
+
+
+# -- recorders tied to an optimizer's steps ---------------------------------------
+#: optimizer -> the recorders made for it (HeadRecorder, CotangentRecorder(optimizer=)),
+#: both held weakly: neither keeps the other alive, and the optimizer's own
+#: __dict__ (pickled, deep-copied) holds nothing of it
+_REGISTRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def register_recorder(optimizer: Any, recorder: Any) -> None:
+    """Make ``optimizer.second_step()`` ask ``recorder.pending()`` (the number
+    of records of the current step not yet replayed) and refuse the step
+    while it is not 0 (:func:`check_unreplayed`)."""
+    _REGISTRY.setdefault(optimizer, weakref.WeakSet()).add(recorder)
+
+
+def step_generation(optimizer: Any) -> int:
+    """The number of successful ``first_step()`` calls of ``optimizer``: a
+    record made in pass 1 at generation g belongs to the step whose
+    ``first_step()`` makes it g + 1, and may be replayed only then."""
+    return optimizer._step_vars.get("generation", 0)
+
+
+@torch.compiler.disable     # bookkeeping on host objects: eager also in a compiled second_step
+def check_unreplayed(optimizer: Any) -> None:
+    """Called at the start of ``second_step()``, before anything changes:
+    ``RuntimeError`` when a registered recorder still holds records of this
+    step (captured in its pass 1, not replayed in pass 2), or when outputs
+    marked with ``mark_output`` in pass 1 were not marked in pass 2: the
+    update would silently lack their micro-batches' pass-2 gradient."""
+    n_rec = sum(r.pending() for r in list(_REGISTRY.get(optimizer, ())))
+    n_marks = 0
+    if getattr(optimizer, "_functional", False):
+        from . import _closure
+        n_marks = _closure.marks_count(optimizer)
+    if n_rec or n_marks:
+        what = []
+        if n_rec:
+            what.append(f"{n_rec} record(s) captured in pass 1 were not replayed in pass 2")
+        if n_marks:
+            what.append(f"{n_marks} output(s) marked with mark_output() in pass 1 were not "
+                        "marked in pass 2")
+        raise RuntimeError(
+            "second_step: " + "; ".join(what) + "; replay every pass-1 micro-batch (same "
+            "count, same order) before second_step(). Nothing was changed: the step is "
+            "still pending (replay the rest, or call optimizer.restore() and the "
+            "recorder's clear() to abandon it)")
+
+
+def _stale_capture_error(cls: str, n: int, why: str) -> RuntimeError:
+    return RuntimeError(
+        f"{cls}.capture: {n} record(s) of an earlier pass 1 were never replayed ({why}); "
+        "replaying them now would use another step's cotangents. Replay every pass-1 "
+        "micro-batch before the next pass 1, or call clear() to drop them")
+
+
+def _check_replay_generation(cls: str, optimizer: Any, gen: int) -> None:
+    """``RuntimeError`` unless a first_step() is pending on ``optimizer`` and
+    it is the one that followed the pass 1 at generation ``gen``."""
+    if getattr(optimizer, "_perturbed", None) is None:
+        raise RuntimeError(f"{cls}.replay: no first_step() is pending on the optimizer; "
+                           "replay between first_step() and second_step()")
+    now = step_generation(optimizer)
+    if gen + 1 != now:
+        raise RuntimeError(
+            f"{cls}.replay: the oldest record was made in the pass 1 of an earlier step "
+            f"(step generation {gen}, the pending first_step() is generation {now - 1}'s); "
+            "its cotangent belongs to another θ. Call clear() and capture again")
 
 #: what ``output=`` may be: None (the default rule), a key or attribute name,
 #: a tuple/list index, or a callable returning the model output
@@ -120,6 +189,22 @@ def select_output(output: Any, selector: Selector = None, *, argname: str = "out
     return selector(output)
 
 
+def _is_head_output(obj: Any) -> bool:
+    heads = sys.modules.get("fsam_kernels.heads.linear_ce")
+    return heads is not None and heads.is_head_output(obj)
+
+
+def _head_in_output_msg(key: str) -> str:
+    return (f"{key} is the output of a FusedLinearCrossEntropy head, here among other "
+            "outputs (or given to a CotangentRecorder). The fused head is recorded by "
+            "HeadRecorder, one head call per record: a FunctionalSAM.step closure "
+            "calls the head once and returns (out, out.loss); to use several batches "
+            "in one closure, concatenate their hidden states and labels (torch.cat) "
+            "into one head call (with reduction='sum' and your own scaling where the "
+            "batches must be weighted); for several head calls per step use a "
+            "hand-written loop with HeadRecorder.capture()/replay() per call")
+
+
 def flatten_output(output: Any, *, argname: str = "output") -> List[Tuple[str, Tensor]]:
     """Flatten a model output into ``[(key, tensor), ...]``.
 
@@ -135,6 +220,8 @@ def flatten_output(output: Any, *, argname: str = "output") -> List[Tuple[str, T
     def walk(obj, key):
         if isinstance(obj, Tensor):
             items.append((key, obj))
+        elif key != argname and _is_head_output(obj):
+            raise ValueError(_head_in_output_msg(key))
         elif isinstance(obj, (tuple, list)):
             for i, o in enumerate(obj):
                 walk(o, f"{key}[{i}]")
@@ -240,10 +327,11 @@ def check_recorded(keys: List[str], shapes: List[tuple], cotangents: List[Option
 
 
 class _Slot:
-    __slots__ = ("keys", "shapes", "cotangents", "handles", "deps", "argname")
+    __slots__ = ("keys", "shapes", "cotangents", "handles", "deps", "argname", "gen")
 
-    def __init__(self, items, argname="output"):
+    def __init__(self, items, argname="output", gen=None):
         self.argname = argname
+        self.gen = gen
         self.keys = [k for k, _ in items]
         self.shapes = [tuple(t.shape) for _, t in items]
         self.cotangents: List[Optional[Tensor]] = [None] * len(items)
@@ -280,22 +368,49 @@ class CotangentRecorder:
             (a tensor, tuple, list or dict of tensors) is z as it is;
             a str: a key (dict, ModelOutput) or attribute name; an int: an
             index into a tuple/list; a callable: ``output(out) -> z``.
+        optimizer: optional, the FunctionalSAM whose steps the records belong
+            to. With it every record is tied to the step of its pass 1: a
+            replay of a record from an earlier step, a replay with no
+            ``first_step()`` pending and a capture while one is pending raise
+            ``RuntimeError``, and ``optimizer.second_step()`` raises (before
+            changing anything) while records of the step are not replayed.
+            Without it the recorder only sees its own calls: a ``capture()``
+            after a ``replay()`` (a new pass 1) raises while records of the
+            previous pass remain.
 
     Raises ``ValueError`` (at replay, or at ``check()``) when the loss
     depends on a 0-d output (the loss itself among the outputs) or on two
     outputs computed one from the other (both would be replayed: the shared
     path counted twice); ``RuntimeError`` when replaying with nothing
-    recorded, when the pass-1 backward has not run, or when the pass-2
-    output's structure or shapes differ from the recorded ones.
+    recorded, when the pass-1 backward has not run, when the pass-2
+    output's structure or shapes differ from the recorded ones (the record
+    is kept then: a corrected replay may follow), and for the mismatched
+    pass counts above (the message gives how many records were left).
     """
 
-    def __init__(self, output: Selector = None) -> None:
+    def __init__(self, output: Selector = None, *, optimizer: Any = None) -> None:
         check_selector(output, argname="output")
+        if optimizer is not None and not hasattr(optimizer, "_step_vars"):
+            raise TypeError(f"optimizer: expected a fsam_kernels optimizer (SAM or "
+                            f"FunctionalSAM) or None, got {type(optimizer).__name__}")
         self.output = output
+        self.optimizer = optimizer
         self._slots: deque = deque()
+        self._replayed = False      # a replay ran since the last capture (pass 2 began)
+        if optimizer is not None:
+            register_recorder(optimizer, self)
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def pending(self) -> int:
+        """Records of the optimizer's current step not replayed yet (0 without
+        an optimizer, or with no first_step() pending)."""
+        opt = self.optimizer
+        if opt is None or getattr(opt, "_perturbed", None) is None:
+            return 0
+        now = step_generation(opt)
+        return sum(1 for s in self._slots if s.gen is not None and s.gen + 1 == now)
 
     def clear(self) -> None:
         """Forget every recorded cotangent (and remove pending hooks)."""
@@ -303,16 +418,35 @@ class CotangentRecorder:
             for h in s.handles:
                 h.remove()
         self._slots.clear()
+        self._replayed = False
 
     def _items(self, output: Any, argname: str) -> List[Tuple[str, Tensor]]:
         z = select_output(output, self.output, argname=argname)
+        if _is_head_output(z):
+            raise ValueError(_head_in_output_msg(argname))
         return differentiable_items(z, argname=argname)
 
     def capture(self, output: Any, *, argname: str = "output") -> Any:
         """Register hooks recording ∂ℓ/∂z of the selected model output z;
         returns ``output`` unchanged. ``argname`` names the output in errors."""
+        opt = self.optimizer
+        gen = None
+        if opt is not None:
+            if getattr(opt, "_perturbed", None) is not None:
+                raise RuntimeError("CotangentRecorder.capture: a first_step() is pending "
+                                   "(pass 2); capture the pass-1 outputs, replay() in pass 2")
+            gen = step_generation(opt)
+            old = sum(1 for s in self._slots if s.gen != gen)
+            if old:
+                raise _stale_capture_error("CotangentRecorder", old, "a first_step() came "
+                                           "after them")
+        elif self._replayed and self._slots:
+            raise _stale_capture_error("CotangentRecorder", len(self._slots),
+                                       "pass 2 replayed fewer micro-batches than pass 1 "
+                                       "captured")
+        self._replayed = False
         items = self._items(output, argname)
-        slot = _Slot(items, argname)
+        slot = _Slot(items, argname, gen)
         for i, (_, t) in enumerate(items):
             def hook(grad, i=i, slot=slot):
                 if grad is None:       # only under torch.compile (see _NO_COTANGENT_MSG)
@@ -333,25 +467,42 @@ class CotangentRecorder:
             s = self._slots[-1]
             check_recorded(s.keys, s.shapes, s.cotangents, s.deps, argname=argname)
 
-    def pop(self) -> Tuple[List[str], List[Optional[Tensor]]]:
-        """Remove and return the oldest record: (slot, cotangents)."""
+    def _peek(self) -> "_Slot":
+        """The oldest record, checked (generation, received, dependencies) but
+        not removed."""
         if not self._slots:
             raise RuntimeError("CotangentRecorder.replay: no recorded cotangent left; "
                                "call capture() on each pass-1 output before backward()")
-        slot = self._slots.popleft()
-        for h in slot.handles:
-            h.remove()
+        slot = self._slots[0]
         if all(c is None for c in slot.cotangents):
             raise RuntimeError(
                 "CotangentRecorder.replay: the recorded output received no gradient; "
                 "run loss.backward() in pass 1 after capture()")
+        if self.optimizer is not None:
+            _check_replay_generation("CotangentRecorder", self.optimizer, slot.gen)
         check_recorded(slot.keys, slot.shapes, slot.cotangents, slot.deps, argname=slot.argname)
+        return slot
+
+    def _remove_oldest(self) -> "_Slot":
+        slot = self._slots.popleft()
+        for h in slot.handles:
+            h.remove()
+        self._replayed = True
+        return slot
+
+    def pop(self) -> Tuple["_Slot", List[Optional[Tensor]]]:
+        """Remove and return the oldest record: (slot, cotangents). Raises
+        (keeping the record) as ``replay`` for a record that cannot be replayed."""
+        slot = self._peek()
+        self._remove_oldest()
         return slot, slot.cotangents
 
     def replay(self, output: Any, *, retain_graph: bool = False) -> None:
         """Backward of the pass-2 model output (selected from ``output`` by the
-        same rule as in ``capture``) with the oldest recorded cotangent."""
-        slot, cots = self.pop()
+        same rule as in ``capture``) with the oldest recorded cotangent. The
+        output's structure and shapes are checked before the record is removed."""
+        slot = self._peek()
+        cots = slot.cotangents
         items = self._items(output, slot.argname)
         keys = [k for k, _ in items]
         if keys != slot.keys:
@@ -368,4 +519,5 @@ class CotangentRecorder:
                 continue
             tensors.append(t)
             grads.append(c)
+        self._remove_oldest()
         torch.autograd.backward(tensors, grads, retain_graph=retain_graph)

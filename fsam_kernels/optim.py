@@ -67,6 +67,11 @@ _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
 _UNSET = object()         # "not given": lets base_optimizer users pass lr/eps/... to the base
 _ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False)
+#: group keys torch's lr schedulers write (torch/optim/lr_scheduler.py)
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+#: group keys torch's optimizers fill in (__setstate__) for checkpoints saved without them
+_TORCH_FILLED_KEYS = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize",
+                                "decoupled_weight_decay"})
 _SCALER_STEP_MSG = (
     "scaler.step(optimizer) cannot drive a two-pass SAM step (the loss must be scaled "
     "in both passes and each pass unscaled once); call "
@@ -407,6 +412,12 @@ class _SAMBase(torch.optim.Optimizer):
                     f"params: group {idx} item {i} (shape {tuple(p.shape)}) appears more than "
                     "once in the optimizer's parameters; each parameter may be given only once")
             seen.add(id(p))
+            if p.device.type == "meta":
+                raise ValueError(
+                    f"params: group {idx} item {i} (shape {tuple(p.shape)}) is on the 'meta' "
+                    "device (no data: the ascent cannot back it up or perturb it); "
+                    "materialize the model first (e.g. module.to_empty(device=...) and "
+                    "initialize or load its weights)")
             if p.layout != torch.strided:
                 raise TypeError(f"params: group {idx} item {i} has layout {p.layout}; "
                                 "only dense (strided) parameters are supported")
@@ -592,7 +603,8 @@ class _SAMBase(torch.optim.Optimizer):
     # -- the two phases -------------------------------------------------------
     @torch.no_grad()
     def first_step(self, grad_scale: Optional[Tensor] = None,
-                   found_inf: Optional[Tensor] = None, *, grad_scaler=None) -> None:
+                   found_inf: Optional[Tensor] = None, *, grad_scaler=None,
+                   zero_grad: bool = True) -> None:
         """Ascent (SPEC §1): perturb θ → θ + e using the current ``.grad``.
 
         Call after the pass-1 backward(s). ``grad_scale``: optional 0-d
@@ -610,6 +622,16 @@ class _SAMBase(torch.optim.Optimizer):
         arguments returned by a pre-hook are ignored, first_step takes none
         from hooks).
 
+        ``zero_grad`` (default True): after perturbing, the ``.grad`` of every
+        parameter of the optimizer is set to None, so the pass-2 backward
+        cannot accumulate onto the pass-1 gradient (g(θ) + g(θ+e)) when the
+        loop forgets ``zero_grad()``; ``zero_grad=False`` keeps them (then
+        zero them before the pass-2 backward yourself).
+
+        Every group's hyperparameters are validated first (as at
+        construction: a schedule may have changed them), raising
+        ``TypeError``/``ValueError`` naming the group before anything changes.
+
         Atomic: if it raises (a bad gradient or parameter in any group, a
         backend refusing its inputs), θ is bitwise as before the call and no
         step is pending: every group is checked before any is perturbed, and
@@ -620,6 +642,7 @@ class _SAMBase(torch.optim.Optimizer):
                                "the parameters are already perturbed")
         if not self._step_vars.get("in_step"):
             self._run_step_hooks(pre=True)
+        self._validate_groups("first_step")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "first_step")
         done: List[Tuple[Backend, Any, Any]] = []   # perturb calls made: (backend, ps, bs)
         self._step_vars["perturb_calls"] = done
@@ -634,6 +657,22 @@ class _SAMBase(torch.optim.Optimizer):
         finally:
             self._step_vars["perturb_calls"] = None
             _theta_changed()
+        if zero_grad:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def _validate_groups(self, where: str) -> None:
+        """Every group's hyperparameters checked as at construction (a few
+        Python checks per group, none per parameter)."""
+        for gi, group in enumerate(self.param_groups):
+            w = f"{where}: param_groups[{gi}]."
+            if self._base_mode:
+                _validate_sam_keys(group, w)
+            else:
+                _validate_group(group, w)
+        # records of pass 1 belong to this step (fsam_kernels.functional.step_generation)
+        self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
 
     def _prune_backups(self) -> None:
         """Drop the backups of tensors that are no longer parameters of any group
@@ -949,7 +988,10 @@ class _SAMBase(torch.optim.Optimizer):
         outcome is recorded in the scaler, so ``scaler.update()`` backs off
         after a skipped step. With ``max_grad_norm`` the update gradient is
         clipped by its global norm (non-finite norm: step skipped).
-        Raises ``RuntimeError`` if ``first_step()`` was not called.
+        Raises ``RuntimeError`` if ``first_step()`` was not called, and
+        ``TypeError``/``ValueError`` naming the group for a hyperparameter that
+        is no longer valid (checked before anything changes: the step stays
+        pending; fix the value and call again, or ``restore()``).
 
         Parameter groups may be reordered, replaced, added or removed between
         ``first_step()`` and ``second_step()``: every perturbed parameter is
@@ -963,6 +1005,9 @@ class _SAMBase(torch.optim.Optimizer):
         """
         if self._perturbed is None:
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
+        self._validate_groups("second_step")
+        from .functional import check_unreplayed
+        check_unreplayed(self)      # records of pass 1 not replayed: raise, nothing changed
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
         try:
@@ -1249,8 +1294,9 @@ class _SAMBase(torch.optim.Optimizer):
           tuple or dict of tensors) and the scalar loss. Do not call
           ``backward`` or ``zero_grad`` inside it: the optimizer sets grads to
           None and runs the backward passes itself (SAM: ``loss.backward()`` in
-          both passes; Functional-SAM: pass 2 runs ``output.backward(c0)`` with
-          the pass-1 cotangent c0, SPEC §2).
+          both passes; Functional-SAM: pass 2 runs ``loss.backward()`` with the
+          gradient arriving at the output replaced by the pass-1 cotangent c0,
+          SPEC §2, so loss terms that bypass the output keep their gradient).
         * back-propagating (torch.optim convention, Lightning's automatic
           optimization): it zeroes the grads, runs forward and
           ``loss.backward()`` itself and returns the loss (a tensor, or None
@@ -1475,10 +1521,41 @@ class _SAMBase(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _check_saved_group_keys(self, saved_groups) -> None:
+        """``ValueError`` for saved groups that lack this optimizer's
+        hyperparameters or carry another optimizer's (e.g. a torch.optim.SGD
+        state dict loaded into the fused-AdamW SAM), naming the keys. Keys an lr
+        scheduler adds (``initial_lr``, ...) and keys the current group carries
+        are not foreign; in ``base_optimizer`` mode the keys torch fills in
+        for older checkpoints (``foreach``, ``fused``, ...) may be missing."""
+        if not isinstance(saved_groups, (list, tuple)):
+            raise ValueError(f"state_dict: 'param_groups' must be a list of dicts, got "
+                             f"{type(saved_groups).__name__}")
+        for gi, sg in enumerate(saved_groups):
+            if not isinstance(sg, dict) or "params" not in sg:
+                raise ValueError(f"state_dict: param_groups[{gi}] must be a dict with 'params'")
+            keys = set(sg)
+            missing = set(self.defaults) - keys
+            if self._base_mode:
+                missing -= _TORCH_FILLED_KEYS
+            current = self.param_groups[gi] if gi < len(self.param_groups) else {}
+            foreign = keys - set(self.defaults) - set(current) - _SCHEDULER_KEYS - {"params"}
+            if missing or foreign:
+                what = (f"{type(self.base_optimizer).__name__}-based " if self._base_mode
+                        else "fused-AdamW ")
+                raise ValueError(
+                    f"state_dict: param_groups[{gi}] " + (f"lacks {sorted(missing)}" if missing else "")
+                    + (" and " if missing and foreign else "")
+                    + (f"carries foreign keys {sorted(foreign)}" if foreign else "")
+                    + f"; it was not saved by this {what}{type(self).__name__} (expected the "
+                    f"keys {sorted(self.defaults)}); construct the optimizer that saved it "
+                    "(base_optimizer= for another torch optimizer's state)")
+
     def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """``load_state_dict`` after its pre-hooks."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        self._check_saved_group_keys(state_dict["param_groups"])
         self.restore()          # a pending first_step is abandoned: θ bitwise back first
         if self._base_mode:
             self.base_optimizer.load_state_dict(state_dict)
@@ -1647,8 +1724,15 @@ class FunctionalSAM(_SAMBase):
 
     The second gradient is ĝ = J(θ+e)ᵀ c0: the pass-2 output is
     back-propagated with the pass-1 loss cotangent c0 = ∂ℓ/∂z(θ), never
-    the pass-2 loss (SPEC §2). ``precondition=True`` gives the paper's
-    preconditioned Functional-SAM. Arguments, state and errors as :class:`SAM`.
+    the pass-2 loss's own cotangent (SPEC §2). ``precondition=True`` gives the
+    paper's preconditioned Functional-SAM. Arguments, state and errors as :class:`SAM`.
+
+    Loss terms that do not pass through the output z (a weight penalty
+    added to the loss, a MoE router's load-balancing loss inside a
+    ModelOutput's ``.loss``) keep their gradient: ``step(closure)`` runs the
+    pass-2 ``loss.backward()`` with the gradient arriving at z replaced by
+    c0, so ĝ = J(θ+e)ᵀ c0 + ∇aux(θ+e), and ``rho=0`` is the base optimizer
+    on the full loss (the fused head's ``out.loss`` likewise).
 
     With ``step(closure)`` the cotangent capture and replay are automatic.
     In a hand-written loop use :class:`fsam_kernels.CotangentRecorder`:
@@ -1705,14 +1789,63 @@ class FunctionalSAM(_SAMBase):
         return rec
 
     def _pass2_backward(self, output, loss, rec):
+        """Pass 2 of ``step(closure)``: ``loss.backward()`` with the gradient
+        arriving at each selected output tensor replaced by its pass-1
+        cotangent c0 (tensor hooks), so the output path gives J(θ+e)ᵀ c0 and
+        loss terms that bypass the output (regularisers, a MoE router's
+        load-balancing loss) are differentiated at θ+e as in SAM."""
         from .functional import select_output
+        from .heads import is_head_output
 
         z = select_output(output, getattr(self, "output", None), argname="closure output")
         if hasattr(rec, "replay_closure_output"):      # the fused head's record
-            rec.replay_closure_output(z)
+            record = rec._pop()
+            if not is_head_output(z) or getattr(z, "_replay_of", None) is not record:
+                raise ValueError("closure: in pass 2 the closure must call the same "
+                                 "FusedLinearCrossEntropy head once and return its output, "
+                                 "as in pass 1")
+            _backward_substituted(loss, [z.loss], [record.grad_output])
             return
         try:
-            differentiable_items(z, argname="closure output")
+            items = differentiable_items(z, argname="closure output")
         except ValueError as exc:
             raise ValueError(f"closure: {exc}") from None
-        rec.replay(z)
+        slot, cots = rec.pop()
+        keys = [k for k, _ in items]
+        if keys != slot.keys:
+            raise RuntimeError(f"closure: the pass-2 output structure {keys} differs from "
+                               f"pass 1's {slot.keys}")
+        tensors, grads = [], []
+        for (k, t), shape, c in zip(items, slot.shapes, cots):
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"closure: the pass-2 output {k} has shape "
+                                   f"{tuple(t.shape)}, pass 1's had {shape}")
+            if c is not None:          # outputs the pass-1 loss did not use keep their grad
+                tensors.append(t)
+                grads.append(c)
+        _backward_substituted(loss, tensors, grads)
+
+
+def _backward_substituted(loss: Tensor, tensors: List[Tensor], cotangents: List[Tensor]) -> None:
+    """``loss.backward()`` where the gradient reaching ``tensors[i]`` is replaced
+    by ``cotangents[i]`` (cast to its dtype): the terms of ``loss`` computed from
+    those tensors contribute Jᵀ c0 whatever their own gradient, the other terms
+    their ordinary gradient. ``RuntimeError`` if the loss does not reach one of
+    the tensors (its Jᵀ c0 would be lost)."""
+    fired = [False] * len(tensors)
+    handles = []
+    for i, (t, c) in enumerate(zip(tensors, cotangents)):
+        def hook(grad, i=i, c=c.to(t.dtype)):
+            fired[i] = True
+            return c
+        handles.append(t.register_hook(hook))
+    try:
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    if not all(fired):
+        raise RuntimeError(
+            "closure: the loss returned in pass 2 does not depend on the model output it was "
+            "computed from in pass 1; Functional-SAM replaces the gradient arriving at that "
+            "output by the pass-1 cotangent c0, so compute the pass-2 loss from it as well")

@@ -342,26 +342,33 @@ def test_recorder_errors():
     other = FunctionalSAM([model.fc.weight], lr=1e-2, rho=0.1, backend="reference")
     with pytest.raises(ValueError, match="weight: the head weight"):
         HeadRecorder(other).capture(model.head(model.hidden(x), y))
-    # captured, but pass-1 backward not run
+    # captured, but pass-1 backward not run: refused, and the record kept
     rec.capture(model.head(model.hidden(x), y))
     with pytest.raises(RuntimeError, match="received no gradient"):
         rec.replay(model.hidden(x))
+    assert len(rec) == 1
+    rec.clear()
     # replay with no first_step pending
     out = rec.capture(model.head(model.hidden(x), y))
     out.loss.backward()
     with pytest.raises(RuntimeError, match="no first_step"):
         rec.replay(model.hidden(x))
-    # shape mismatch, then a second replay of one record
-    out = rec.capture(model.head(model.hidden(x), y))
-    out.loss.backward()
+    assert len(rec) == 1
     opt.first_step()
+    # a wrong pass-2 shape is refused before the record is removed: a retry works
     with pytest.raises(ValueError, match="hidden: pass-2 hidden states have shape"):
         rec.replay(model.hidden(x[:1]))
-    out = rec.capture(model.head(model.hidden(x), y))   # pass-1 style record
-    out.loss.backward()
+    assert len(rec) == 1
+    with pytest.raises(TypeError, match="hidden: pass-2 dtype"):
+        rec.replay(model.hidden(x).double())
+    assert len(rec) == 1
     rec.replay(model.hidden(x))
+    assert len(rec) == 0
     with pytest.raises(RuntimeError, match="no record left"):
         rec.replay(model.hidden(x))
+    # capture in pass 2 (a first_step pending) is refused
+    with pytest.raises(RuntimeError, match=r"first_step\(\) is pending"):
+        rec.capture(model.head(model.hidden(x), y))
     opt.restore()
 
 
@@ -486,7 +493,8 @@ def test_fsam_train_head_and_grad_accum_arguments(capsys):
 
     with pytest.raises(SystemExit):
         lmtrain.main(["--grad-accum", "0"])
-    assert "--grad-accum 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--grad-accum" in err and "'0'" in err and ">= 1" in err
     with pytest.raises(SystemExit):
         lmtrain.main(["--head", "none"])
     assert "--head" in capsys.readouterr().err

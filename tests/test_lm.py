@@ -224,7 +224,7 @@ def test_fsam_train_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     (["--optimizers", "adamw,lion"], "--optimizers"),
     (["--seq-len", "65"], "--seq-len"),
     (["--rho", "-1"], "--rho"),
-    (["--rho", "-1"], "--rho -1.0 is out of range"),
+    (["--rho", "-1"], "--rho: -1 is out of range: expected a finite float >= 0"),
     (["--data", "/nonexistent/path.txt"], "--data"),
     # an unknown backend is an error before any run, also when only adamw (no backend) runs
     (["--optimizers", "adamw", "--backend", "gpu"], "--backend 'gpu' is not one of"),
@@ -237,8 +237,8 @@ def test_fsam_train_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     (["--device", "meta"], "--device 'meta'"),
     pytest.param(["--device", "cuda"], "--device 'cuda'",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")),
-    (["--threads", "0"], "--threads 0"),
-    (["--seed-offset", "-1"], "--seed-offset -1"),
+    (["--threads", "0"], "--threads: 0 is out of range"),
+    (["--seed-offset", "-1"], "--seed-offset: -1 is out of range"),
 ])
 def test_fsam_train_bad_arguments(corpus_dir, tmp_path, capsys, extra, needle):
     with pytest.raises(SystemExit) as e:

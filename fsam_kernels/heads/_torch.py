@@ -52,7 +52,10 @@ def _cotangent_(z: Tensor, lse: Tensor, labels: Tensor, ignore_index: int,
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     z.sub_(lse.unsqueeze(1)).exp_()
     z.scatter_add_(1, safe.unsqueeze(1), -valid.to(z.dtype).unsqueeze(1))
-    z.mul_((coef * valid.to(z.dtype)).unsqueeze(1))
+    # where, not coef·valid: coef is inf (1/0) for a mean over no valid token,
+    # whose gradient is exactly 0 in torch's cross-entropy (inf·0 would be nan)
+    z.mul_(torch.where(valid, coef.to(z.dtype), torch.zeros((), dtype=z.dtype,
+                                                          device=z.device)).unsqueeze(1))
     return z
 
 
@@ -92,7 +95,7 @@ def forward(h: Tensor, w: Tensor, labels: Tensor, ignore_index: int, cd: torch.d
         lse[s:e] = (m + tot.log()).squeeze(1)
         if coef is not None and (need_h or need_w):
             # c = coef·valid·(exp(z − m)/Σ − onehot): one scaling pass and a scatter
-            r = coef * valid.to(acc)
+            r = torch.where(valid, coef.to(acc), torch.zeros((), dtype=acc, device=h.device))
             c = ez.mul_(r.unsqueeze(1) / tot)
             c.scatter_add_(1, safe.unsqueeze(1), -r.unsqueeze(1))
             c = c.to(cd)

@@ -106,7 +106,7 @@ class _Record:
     upstream gradient of the pass-1 backward (filled in by it)."""
 
     __slots__ = ("h0", "lse", "labels", "factor", "weight", "cfg", "value", "shape",
-                 "grad_output", "captured", "replayed")
+                 "grad_output", "captured", "replayed", "gen")
 
     def __init__(self, h0, lse, labels, factor, weight, cfg, value, shape):
         self.h0, self.lse, self.labels, self.factor = h0, lse, labels, factor
@@ -114,6 +114,7 @@ class _Record:
         self.grad_output: Optional[Tensor] = None
         self.captured = False
         self.replayed = False
+        self.gen: Optional[int] = None     # the optimizer's step generation at capture
 
 
 def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
@@ -447,19 +448,31 @@ class HeadRecorder:
         optimizer: the FunctionalSAM (or any optimizer with ``clean_param``)
             holding the head weight; its backup of the weight is W0.
 
+    Every record is tied to the optimizer's step of its pass 1 (its
+    ``first_step()`` count): a record can be replayed only after that step's
+    ``first_step()``, and ``optimizer.second_step()`` raises, before changing
+    anything, while records of the step are not replayed (pass 2 must replay
+    as many micro-batches as pass 1 captured).
+
     Raises ``ValueError`` naming ``weight`` when the head weight requires grad
     but is not among the optimizer's parameters; ``RuntimeError`` for a
     replay with no record left, a record whose pass-1 backward did not run,
-    a replay with no ``first_step()`` pending, a second replay of a record;
-    ``ValueError`` naming ``hidden`` for a pass-2 shape that differs.
+    a replay with no ``first_step()`` pending, a record of an earlier step,
+    a second replay of a record, a ``capture()`` with a ``first_step()``
+    pending or while records of an earlier step remain (with their count);
+    ``ValueError`` naming ``hidden`` (``TypeError`` for its dtype) for a
+    pass-2 input that differs from pass 1's, checked before the record is
+    removed, so a corrected replay may follow.
     """
 
     def __init__(self, optimizer) -> None:
         if not hasattr(optimizer, "clean_param"):
             raise TypeError(f"optimizer: expected a fsam_kernels optimizer (with clean_param), "
                             f"got {type(optimizer).__name__}")
+        from ..functional import register_recorder
         self.optimizer = optimizer
         self._records: deque = deque()
+        register_recorder(optimizer, self)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -467,6 +480,15 @@ class HeadRecorder:
     def clear(self) -> None:
         """Forget every record."""
         self._records.clear()
+
+    def pending(self) -> int:
+        """Records of the optimizer's current step (pass 1 before the pending
+        ``first_step()``) not replayed yet; 0 with no first_step() pending."""
+        from ..functional import step_generation
+        if not self._pending():
+            return 0
+        now = step_generation(self.optimizer)
+        return sum(1 for r in self._records if r.gen is not None and r.gen + 1 == now)
 
     def _check_weight(self, w: Tensor) -> None:
         if w.requires_grad:
@@ -492,7 +514,16 @@ class HeadRecorder:
                             "or in pass 2); capture the pass-1 call's output")
         if record.captured:
             raise RuntimeError("HeadRecorder.capture: this output was captured already")
+        from ..functional import _stale_capture_error, step_generation
+        if self._pending():
+            raise RuntimeError("HeadRecorder.capture: a first_step() is pending (pass 2); "
+                               "capture the pass-1 head outputs, replay() in pass 2")
+        gen = step_generation(self.optimizer)
+        old = sum(1 for r in self._records if r.gen != gen)
+        if old:
+            raise _stale_capture_error("HeadRecorder", old, "a first_step() came after them")
         self._check_weight(record.weight)
+        record.gen = gen
         record.captured = True
         self._records.append(record)
         if _closure:
@@ -511,14 +542,22 @@ class HeadRecorder:
     def _pending(self) -> bool:
         return getattr(self.optimizer, "_perturbed", None) is not None
 
-    def _pop(self) -> _Record:
+    def _peek(self) -> _Record:
+        """The oldest record, checked (generation, received) but not removed."""
+        from ..functional import _check_replay_generation
         if not self._records:
             raise RuntimeError("HeadRecorder.replay: no record left; capture() each pass-1 "
                                "head output before its backward, and replay each once")
-        record = self._records.popleft()
+        record = self._records[0]
         if record.grad_output is None:
             raise RuntimeError("HeadRecorder.replay: the recorded head output received no "
                                "gradient; run the pass-1 backward after capture()")
+        _check_replay_generation("HeadRecorder", self.optimizer, record.gen)
+        return record
+
+    def _pop(self) -> _Record:
+        record = self._peek()
+        self._records.popleft()
         return record
 
     def _clean_weight(self, record: _Record) -> Tensor:
@@ -562,16 +601,18 @@ class HeadRecorder:
         c0, through ``hidden`` (the head's input at θ+e, same shape as in
         pass 1) and the head weight; accumulates J(θ+e)ᵀ c0 into ``.grad``.
         The logits are not computed."""
-        record = self._pop()
-        surrogate = self._replay_fn(record, hidden)
+        record = self._peek()
+        surrogate = self._replay_fn(record, hidden)     # checks hidden before the pop
+        self._records.popleft()
         torch.autograd.backward(surrogate, record.grad_output.to(surrogate.dtype))
 
     def replay_closure_output(self, out: Any) -> None:
         """``FunctionalSAM.step``'s pass 2: ``out`` is the closure's pass-2 head
         output (the stand-in); back-propagates it with the recorded gradient."""
-        record = self._pop()
+        record = self._peek()
         if not is_head_output(out) or getattr(out, "_replay_of", None) is not record:
             raise ValueError("closure: in pass 2 the closure must call the same "
                              "FusedLinearCrossEntropy head once and return its output, "
                              "as in pass 1")
+        self._records.popleft()
         torch.autograd.backward(out.loss, record.grad_output.to(out.loss.dtype))

@@ -78,6 +78,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,6 +106,57 @@ _RESUME_KEYS = ("preset", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio"
                 "vocab_size", "val_fraction", "max_chars", "eval_batches", "amp")
 
 
+def _number(kind: type, low: float, high: Optional[float] = None, *, low_open: bool = False,
+            high_open: bool = False):
+    """An argparse ``type=`` for a finite int or float in a range: a bad value
+    is a parse error (exit status 2) naming the option, the value and the
+    range, e.g. ``argument --rho: inf is out of range: expected a finite float >= 0``."""
+    lo = f"{'>' if low_open else '>='} {low:g}"
+    if high is None:
+        rng = lo
+    else:
+        rng = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a float'} {rng}, "
+                f"got {text!r}") from None
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (
+            high is None or (v < high if high_open else v <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: expected a finite {kind.__name__} {rng}")
+        return v
+
+    parse.__name__ = kind.__name__        # argparse's "invalid <name> value" wording
+    return parse
+
+
+def _betas(text: str) -> str:
+    """``--betas``: two floats 'b1,b2', each in [0, 1) (AdamW's range); kept
+    as the string (main() and the sweep split it)."""
+    parts = text.split(",")
+    try:
+        vals = [float(b) for b in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 2:
+        raise argparse.ArgumentTypeError(f"expected two floats 'b1,b2', got {text!r}")
+    for i, v in enumerate(vals):
+        if not (math.isfinite(v) and 0.0 <= v < 1.0):
+            raise argparse.ArgumentTypeError(
+                f"b{i + 1} = {parts[i].strip()} is outside [0, 1) in {text!r}")
+    return text
+
+
+_POS_INT = _number(int, 1)
+_NONNEG_INT = _number(int, 0)
+_NONNEG = _number(float, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fsam-train",
@@ -114,45 +166,46 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
                    help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. S-1) per optimizer")
-    p.add_argument("--seed-offset", type=int, default=0, help="first seed")
+    p.add_argument("--steps", type=_POS_INT, default=150, help="optimizer steps per run")
+    p.add_argument("--seeds", type=_POS_INT, default=1, help="number of seeds (0 .. S-1) per optimizer")
+    p.add_argument("--seed-offset", type=_NONNEG_INT, default=0, help="first seed")
     p.add_argument("--preset", default="small", help=f"model size: {', '.join(PRESETS)}")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=_POS_INT, default=16,
                    help="sequences per micro-batch (per step with --grad-accum 1)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+    p.add_argument("--grad-accum", type=_POS_INT, default=1, metavar="K",
                    help="micro-batches of --batch-size sequences per optimizer step")
     p.add_argument("--head", default="fused", choices=HEADS,
                    help="fused: linear cross-entropy without the logits (fsam_kernels.heads); "
                         "plain: full logits and F.cross_entropy")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (<= the preset's context)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+    p.add_argument("--seq-len", type=_POS_INT, default=128, help="tokens per sequence (<= the preset's context)")
+    p.add_argument("--lr", type=_NONNEG, default=3e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=_number(float, 0, 1), default=0.1,
                    help="final lr of the cosine schedule as a fraction of --lr")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=_NONNEG_INT, default=None,
                    help="linear warm-up steps (default: 10%% of --steps, at most 200)")
-    p.add_argument("--weight-decay", type=float, default=0.1,
+    p.add_argument("--weight-decay", type=_NONNEG, default=0.1,
                    help="decoupled weight decay of matrices and embeddings (LayerNorm weights: 0)")
-    p.add_argument("--betas", default="0.9,0.95", help="AdamW betas, 'b1,b2'")
-    p.add_argument("--eps", type=float, default=1e-8, help="AdamW eps")
-    p.add_argument("--rho", type=float, default=0.05, help="SAM / Functional-SAM radius")
-    p.add_argument("--prho", type=float, default=0.2,
+    p.add_argument("--betas", type=_betas, default="0.9,0.95", help="AdamW betas, 'b1,b2'")
+    p.add_argument("--eps", type=_NONNEG, default=1e-8, help="AdamW eps")
+    p.add_argument("--rho", type=_NONNEG, default=0.05, help="SAM / Functional-SAM radius")
+    p.add_argument("--prho", type=_NONNEG, default=0.2,
                    help="radius of the preconditioned variants (psam, pfsam)")
     p.add_argument("--backend", default="auto", help="fsam_kernels backend of the SAM-family optimizers")
-    p.add_argument("--eval-every", type=int, default=25, help="evaluate (and checkpoint) every K steps")
-    p.add_argument("--diagnose-every", type=int, default=0, metavar="K",
+    p.add_argument("--eval-every", type=_POS_INT, default=25, help="evaluate (and checkpoint) every K steps")
+    p.add_argument("--diagnose-every", type=_NONNEG_INT, default=0, metavar="K",
                    help="every K steps (a multiple of --eval-every) add the logit/functional path "
                         "decomposition and sharpness of fsam_kernels.diagnostics.diagnose_lm "
                         "(diag_* keys) to metrics.jsonl, on the first validation batch; 0 = off")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (of --batch-size)")
+    p.add_argument("--eval-batches", type=_POS_INT, default=8, help="validation batches (of --batch-size)")
     p.add_argument("--out", default="runs/lm", help="output directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in --out (finished runs are not rerun)")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="continue from the checkpoints in --out (finished runs are not rerun; "
+                        "--out must exist)")
+    p.add_argument("--stop-after", type=_NONNEG_INT, default=None, metavar="STEP",
                    help="stop every run at this step (checkpointed, resumable with --resume)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_POS_INT, default=None,
                    help="CPU threads for torch (default: $OMP_NUM_THREADS or the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_data_args(p)
@@ -600,21 +653,7 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError as e:
         parser.error(str(e) if str(e) else f"--betas must be 'b1,b2', got {args.betas!r}")
-    for flag, v, ok in (("--steps", args.steps, args.steps >= 1), ("--seeds", args.seeds, args.seeds >= 1),
-                        ("--batch-size", args.batch_size, args.batch_size >= 1),
-                        ("--grad-accum", args.grad_accum, args.grad_accum >= 1),
-                        ("--seq-len", args.seq_len, args.seq_len >= 1),
-                        ("--eval-every", args.eval_every, args.eval_every >= 1),
-                        ("--diagnose-every", args.diagnose_every, args.diagnose_every >= 0),
-                        ("--eval-batches", args.eval_batches, args.eval_batches >= 1),
-                        ("--lr", args.lr, args.lr >= 0), ("--rho", args.rho, args.rho >= 0),
-                        ("--prho", args.prho, args.prho >= 0),
-                        ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1),
-                        ("--seed-offset", args.seed_offset, args.seed_offset >= 0),
-                        ("--threads", args.threads, args.threads is None or args.threads >= 1),
-                        ("--stop-after", args.stop_after, args.stop_after is None or args.stop_after >= 0)):
-        if not ok:
-            parser.error(f"{flag} {v} is out of range")
+    # the numeric ranges are checked while parsing (the type= of each option)
     if args.preset not in PRESETS:
         parser.error(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
     block = PRESETS[args.preset].block_size
@@ -623,11 +662,21 @@ def main(argv=None) -> int:
                      f"of --preset {args.preset}")
     if args.warmup is None:
         args.warmup = min(200, max(1, args.steps // 10))
-    if args.warmup < 0:
-        parser.error(f"--warmup {args.warmup} must be >= 0")
     args.warmup = max(1, args.warmup)
     if args.data:
         args.data = [os.path.abspath(p) for p in args.data]
+    # the data options are declared in data.py (add_data_args); their ranges here
+    if args.max_chars is not None and args.max_chars < 1:
+        parser.error(f"--max-chars: expected an integer >= 1 (characters kept per source), "
+                     f"got {args.max_chars}")
+    if args.tokenizer == "bpe" and args.vocab_size < 256:
+        parser.error(f"--vocab-size: expected an integer >= 256 for the byte-level BPE "
+                     f"(256 byte tokens plus merges), got {args.vocab_size}")
+    if args.resume and not os.path.isdir(args.out):
+        # (train_one's resume=True on a fresh directory starts from scratch: the
+        # sweep relies on that; only the command line asks for an existing run)
+        parser.error(f"--resume: --out {args.out!r} does not exist (nothing to continue; "
+                     "drop --resume to start a new run there)")
 
     try:
         device = resolve_device(args.device)
