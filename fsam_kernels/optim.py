@@ -657,6 +657,8 @@ class _SAMBase(torch.optim.Optimizer):
         finally:
             self._step_vars["perturb_calls"] = None
             _theta_changed()
+        # records of pass 1 belong to this step (fsam_kernels.functional.step_generation)
+        self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
         if zero_grad:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -671,8 +673,6 @@ class _SAMBase(torch.optim.Optimizer):
                 _validate_sam_keys(group, w)
             else:
                 _validate_group(group, w)
-        # records of pass 1 belong to this step (fsam_kernels.functional.step_generation)
-        self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
 
     def _prune_backups(self) -> None:
         """Drop the backups of tensors that are no longer parameters of any group

@@ -460,6 +460,186 @@ def test_triton_head_in_functional_sam_step():
         _close(g_tri[n], g_plain[n], F32_TOL)
 
 
+# ------------------------------------------- review: all-ignored, pass counts
+@pytest.mark.parametrize("impl", ["torch", "triton", "torch-fp16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_ignored_micro_batch_matches_torch(reduction, impl):
+    """Every label ignored: torch's cross-entropy gives a nan mean (0/0) or a
+    0 sum, and gradients exactly 0; the fused head gives the same (the
+    PyTorch path forming grads in the forward, the Triton path, and the
+    float16 path that recomputes in the backward)."""
+    if impl == "triton" and not _triton_ok():
+        pytest.skip("Triton interpreter not available")
+    torch.manual_seed(19)
+    emb = nn.Embedding(11, 4)
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    y = torch.full((2, 3), -100)
+    head = FusedLinearCrossEntropy(emb, reduction=reduction,
+                                   impl="torch" if impl == "torch-fp16" else impl)
+    ctx = (torch.autocast("cpu", dtype=torch.float16) if impl == "torch-fp16"
+           else torch.enable_grad())
+    with ctx:
+        loss = head(h, y).loss
+        ref = F.cross_entropy(F.linear(h, emb.weight).flatten(0, 1).float(), y.flatten(),
+                              reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    g = torch.autograd.grad(loss, (h, emb.weight))
+    gr = torch.autograd.grad(ref, (h, emb.weight))
+    for a, b in zip(g, gr):
+        assert torch.equal(b, torch.zeros_like(b))     # torch's own answer
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_all_ignored_micro_batch_in_functional_sam(impl):
+    """Functional-SAM with accumulation where one micro-batch has every label
+    ignored: it adds nothing to either pass (not nan, which would skip the
+    step); the pass-2 grads equal the plain full-logits path's."""
+    if impl == "triton" and not _triton_ok():
+        pytest.skip("Triton interpreter not available")
+    torch.manual_seed(20)
+    base = TinyLM(tied=True, impl=impl)
+    batches = _batches(2)
+    batches[1] = (batches[1][0], torch.full_like(batches[1][1], -100))
+    g_fused, m_fused = _run(copy.deepcopy(base), FunctionalSAM, False, "fused", batches,
+                            False, steps=1)
+    g_plain, m_plain = _run(copy.deepcopy(base), FunctionalSAM, False, "plain", batches,
+                            False, steps=1)
+    assert set(g_fused) == set(g_plain) == {n for n, _ in base.named_parameters()}
+    for n in g_plain:
+        assert torch.isfinite(g_plain[n]).all()
+        _close(g_fused[n], g_plain[n], F32_TOL)
+    for (n, a), (_, b) in zip(m_fused.named_parameters(), m_plain.named_parameters()):
+        assert not torch.equal(a, base.get_parameter(n)), n      # the step was taken
+        _close(a, b, F32_TOL)
+
+
+def _head_pass1(model, rec, batches):
+    k = len(batches)
+    for x, y in batches:
+        (rec.capture(model.head(model.hidden(x), y)).loss / k).backward()
+
+
+def test_recorder_pass_counts_must_match():
+    """Capture 3, replay 2: second_step() raises before changing anything, a
+    later replay completes the step with the right values; a new pass 1 or a
+    later step never takes the stale record."""
+    torch.manual_seed(21)
+    base = TinyLM(tied=True)
+    batches = _batches(3)
+    # the reference: the same step with all three replays
+    _, m_ref = _run(copy.deepcopy(base), FunctionalSAM, False, "fused", batches, False, 1)
+
+    model = copy.deepcopy(base)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.2, backend="reference")
+    rec = HeadRecorder(opt)
+    opt.zero_grad()
+    _head_pass1(model, rec, batches)
+    opt.first_step()
+    opt.zero_grad()
+    for x, _ in batches[:2]:
+        rec.replay(model.hidden(x))
+    at = {n: p.detach().clone() for n, p in model.named_parameters()}
+    st = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(RuntimeError, match=r"1 record\(s\) captured in pass 1 were not replayed"):
+        opt.second_step()
+    for n, p in model.named_parameters():              # nothing changed: still at θ + e
+        assert torch.equal(p, at[n]), n
+    assert opt._perturbed is not None and len(rec) == 1
+    assert str(opt.state_dict()["state"]) == str(st)
+    rec.replay(model.hidden(batches[2][0]))            # the missing replay ...
+    opt.second_step()                                  # ... and the step is right
+    for (n, a), (_, b) in zip(model.named_parameters(), m_ref.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # abandoned step (restore) with a record left: the next pass 1 is refused
+    opt.zero_grad()
+    _head_pass1(model, rec, batches)
+    opt.first_step()
+    for x, _ in batches[:2]:
+        rec.replay(model.hidden(x))
+    opt.restore()
+    with pytest.raises(RuntimeError, match=r"HeadRecorder.capture: 1 record\(s\) of an earlier"):
+        rec.capture(model.head(model.hidden(batches[0][0]), batches[0][1]))
+    # ... and a later step's replay never takes it
+    opt.zero_grad()
+    model.head(model.hidden(batches[0][0]), batches[0][1]).loss.backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="made in the pass 1 of an earlier step"):
+        rec.replay(model.hidden(batches[2][0]))
+    assert len(rec) == 1
+    opt.restore()
+    rec.clear()
+    assert len(rec) == 0
+
+
+def test_closure_with_two_head_outputs_is_explained():
+    torch.manual_seed(22)
+    model = TinyLM()
+    (x1, y1), (x2, y2) = _batches(2)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        a = model.head(model.hidden(x1), y1)
+        b = model.head(model.hidden(x2), y2)
+        return (a, b), a.loss + b.loss
+    with pytest.raises(ValueError, match=r"closure output\[0\] is the output of a "
+                                         r"FusedLinearCrossEntropy head.*torch\.cat"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # the supported form: one head call on the concatenated micro-batches
+    def one_call():
+        out = model.head(torch.cat([model.hidden(x1), model.hidden(x2)]), torch.cat([y1, y2]))
+        return out, out.loss
+    opt.step(one_call)
+    with pytest.raises(ValueError, match="FusedLinearCrossEntropy head"):
+        CotangentRecorder().capture(model.head(model.hidden(x1), y1))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--rho", "inf"], "--rho: inf is out of range: expected a finite float >= 0"),
+    (["--betas", "1.2,0.9"], "--betas: b1 = 1.2 is outside [0, 1)"),
+    (["--betas", "0.9,1.0"], "--betas: b2 = 1.0 is outside [0, 1)"),
+    (["--betas", "0.9"], "--betas: expected two floats"),
+    (["--eps", "-1"], "--eps: -1 is out of range"),
+    (["--weight-decay", "-1"], "--weight-decay: -1 is out of range"),
+    (["--lr", "nan"], "--lr: nan is out of range"),
+    (["--prho", "-0.1"], "--prho: -0.1 is out of range"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio: 1.5 is out of range: expected a finite float in [0, 1]"),
+    (["--warmup", "-1"], "--warmup: -1 is out of range"),
+    (["--steps", "0"], "--steps: 0 is out of range: expected a finite int >= 1"),
+    (["--seeds", "x"], "--seeds: expected an integer >= 1, got 'x'"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["--seq-len", "0"], "--seq-len: 0 is out of range"),
+    (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+    (["--diagnose-every", "-1"], "--diagnose-every: -1 is out of range"),
+    (["--eval-batches", "0"], "--eval-batches: 0 is out of range"),
+    (["--stop-after", "-2"], "--stop-after: -2 is out of range"),
+    (["--max-chars", "-1"], "--max-chars: expected an integer >= 1"),
+    (["--vocab-size", "-3"], "--vocab-size: expected an integer >= 256"),
+])
+def test_fsam_train_numeric_options_are_parse_errors(capsys, tmp_path, extra, needle):
+    from fsam_kernels.lm import train as lmtrain
+
+    with pytest.raises(SystemExit) as e:
+        lmtrain.main(["--out", str(tmp_path / "o"), *extra])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fsam_train_resume_needs_existing_out(capsys, tmp_path):
+    from fsam_kernels.lm import train as lmtrain
+
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit) as e:
+        lmtrain.main(["--out", str(missing), "--resume"])
+    assert e.value.code == 2
+    assert f"--resume: --out '{missing}' does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
 # ------------------------------------------------------- fsam-train pieces
 @pytest.mark.parametrize("name", ["adamw", "sam", "fsam"])
 def test_train_step_fused_equals_plain_with_accumulation(name):
