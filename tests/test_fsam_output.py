@@ -262,3 +262,110 @@ def test_cache_hint():
         return {"h": z, "past_key_values": DynamicCache()}, F.cross_entropy(z, Y)
     with pytest.raises(TypeError, match="use_cache=False"):
         opt.step(closure)
+
+
+# ------------------------------------------ pass counts and stale records (review)
+_CHUNKS = [slice(0, 3), slice(3, 6), slice(6, 8)]
+
+
+def _opt_with_spy(model):
+    opt = FunctionalSAM(model.parameters(), lr=1e-3, rho=0.3, backend="reference")
+    spy = _GradSpy()
+    opt._backends[torch.device("cpu")] = spy
+    return opt, spy
+
+
+def _check_pass2(model, theta, spy):
+    params = dict(model.named_parameters())
+    want = _independent(model, theta, {n: spy.perturbed[p] for n, p in params.items()})
+    for n, p in params.items():
+        torch.testing.assert_close(spy.seen[p], want[n], rtol=1e-10, atol=1e-12)
+
+
+def _loss(z, s):      # micro-batch share of the full batch's mean cross-entropy
+    return F.cross_entropy(z, Y[s], reduction="sum") / len(Y)
+
+
+def test_recorder_with_optimizer_refuses_fewer_replays():
+    """CotangentRecorder(optimizer=): 3 captures, 2 replays: second_step()
+    raises and changes nothing; a wrong-shaped replay keeps its record; the
+    completed step's pass-2 gradient is torch.func's J(θ+e)ᵀ c0."""
+    model = _model()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, spy = _opt_with_spy(model)
+    rec = CotangentRecorder(optimizer=opt)
+    for s in _CHUNKS:
+        _loss(rec.capture(model(X[s])), s).backward()
+    opt.first_step()
+    for s in _CHUNKS[:2]:
+        rec.replay(model(X[s]))
+    at = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"second_step: 1 record\(s\) captured in pass 1"):
+        opt.second_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), at))
+    assert opt._perturbed is not None and not spy.seen
+    with pytest.raises(RuntimeError, match="has shape"):
+        rec.replay(model(X[:1]))
+    assert len(rec) == 1                     # kept: the retry below works
+    rec.replay(model(X[_CHUNKS[2]]))
+    opt.second_step()
+    _check_pass2(model, theta, spy)
+
+
+def test_recorder_records_belong_to_their_step():
+    model = _model()
+    opt, _ = _opt_with_spy(model)
+    rec = CotangentRecorder(optimizer=opt)
+    for s in _CHUNKS:
+        _loss(rec.capture(model(X[s])), s).backward()
+    opt.first_step()
+    for s in _CHUNKS[:2]:
+        rec.replay(model(X[s]))
+    opt.restore()                            # the step abandoned, one record left
+    with pytest.raises(RuntimeError, match=r"capture: 1 record\(s\) of an earlier pass 1"):
+        rec.capture(model(X[:3]))
+    F.cross_entropy(model(X), Y).backward()  # a step of its own, not recorded
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="made in the pass 1 of an earlier step"):
+        rec.replay(model(X[_CHUNKS[2]]))
+    with pytest.raises(RuntimeError, match="first_step.. is pending"):
+        rec.capture(model(X[:3]))
+    opt.restore()
+    with pytest.raises(RuntimeError, match="no first_step"):
+        rec.replay(model(X[_CHUNKS[2]]))
+    with pytest.raises(TypeError, match="optimizer: expected a fsam_kernels optimizer"):
+        CotangentRecorder(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_recorder_without_optimizer_refuses_a_new_pass_with_records_left():
+    model = _model()
+    rec = CotangentRecorder()
+    for s in _CHUNKS:
+        _loss(rec.capture(model(X[s])), s).backward()
+    for s in _CHUNKS[:2]:
+        rec.replay(model(X[s]))
+    with pytest.raises(RuntimeError, match=r"CotangentRecorder.capture: 1 record\(s\) of an "
+                                           r"earlier pass 1 were never replayed"):
+        rec.capture(model(X[:3]))
+    assert len(rec) == 1
+    rec.clear()
+    rec.capture(model(X[:3]))                # a fresh pass after clear()
+    assert len(rec) == 1
+
+
+def test_mark_output_hand_loop_refuses_fewer_marks():
+    model = _model()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt, spy = _opt_with_spy(model)
+    for s in _CHUNKS:
+        _loss(opt.mark_output(model(X[s])), s).backward()
+    opt.first_step()
+    for s in _CHUNKS[:2]:
+        _loss(opt.mark_output(model(X[s])), s).backward()
+    at = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"1 output\(s\) marked with mark_output\(\) in pass 1"):
+        opt.second_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), at))
+    _loss(opt.mark_output(model(X[_CHUNKS[2]])), _CHUNKS[2]).backward()
+    opt.second_step()
+    _check_pass2(model, theta, spy)

@@ -128,7 +128,8 @@ def _number(kind: type, low: float, high: Optional[float] = None, *, low_open: b
             high is None or (v < high if high_open else v <= high))
         if not ok:
             raise argparse.ArgumentTypeError(
-                f"{text} is out of range: expected a finite {kind.__name__} {rng}")
+                f"{text} is out of range: expected "
+                f"{'an integer' if kind is int else 'a finite float'} {rng}")
         return v
 
     parse.__name__ = kind.__name__        # argparse's "invalid <name> value" wording
