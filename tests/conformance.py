@@ -79,8 +79,10 @@ class BackendInfo:
     dtypes: parameter dtypes the backend takes.
     found_inf / grad_scale: whether the ops honour found_inf (skip) and a
         grad_scale tensor (all backends do: SPEC §6).
-    compile: torch.compile(fullgraph=True) traces the ops as opaque.
-    cache: the ops take ``cache=`` (call-site record cache).
+    cache: the ops take ``cache=`` (base.py: a caller-owned dict per call
+        site) and give bitwise the uncached results (every backend: the
+        argument is part of the Backend API; native-specific cache behaviour
+        is in tests/test_native.py).
     chunk / chunk_small: a size whose neighbours cross the kernels' chunk or
         tile boundaries; ``chunk_small`` where the kernels are interpreted or
         emulated (a few ms per program), so the cases stay fast.
@@ -98,8 +100,7 @@ class BackendInfo:
     dtypes: tuple = (F32, BF16, F16, F64)
     found_inf: bool = True
     grad_scale: bool = True
-    compile: bool = True
-    cache: bool = False
+    cache: bool = True
     chunk: int = CPU_CHUNK
     chunk_small: int = CPU_CHUNK
     small_when: object = None          # callable(device) -> True to use chunk_small
@@ -121,10 +122,10 @@ BACKENDS = [
     # torch._foreach_* ops: no chunks, every size is one call
     BackendInfo("foreach", chunk=4097, chunk_small=4097),
     # csrc/cpu through ctypes; every instruction set this CPU has
-    BackendInfo("cpu", devices=("cpu",), f64_rtol=1e-12, f64_atol=1e-14, cache=True,
+    BackendInfo("cpu", devices=("cpu",), f64_rtol=1e-12, f64_atol=1e-14,
                 variants=lambda: [(isa, lambda isa=isa: _using_isa(isa)) for isa in _cpu_isas()]),
     # csrc/cuda on a GPU, or its emulated host build on CPU tensors
-    BackendInfo("cuda", f64_rtol=1e-12, f64_atol=1e-14, cache=True),
+    BackendInfo("cuda", f64_rtol=1e-12, f64_atol=1e-14),
     # Triton kernels (block 1024, chunk 8192); interpreted on CPU tensors
     BackendInfo("triton", chunk=CPU_CHUNK, chunk_small=4096, small_when=_interpreted),
 ]
