@@ -19,8 +19,9 @@ Launches per call: ``coef_kernel`` once (restore_adamw always; sq_norm and
 perturb when preconditioned) over one step pointer table of every tensor of
 the call, in launch order (the combinations one after another; in
 restore_adamw the empty tensors last, their steps count too); then one
-element kernel per combination; sq_norm adds ``sq_norm_finish_kernel``, and a
-perturb with no non-empty tensor runs only ``flag_nonfinite_kernel``.
+element kernel per combination; sq_norm adds ``sq_norm_finish_kernel`` (and
+launches nothing without a non-empty grad), a perturb with no non-empty
+tensor runs only ``flag_nonfinite_kernel``, restore only ``restore_kernel``.
 
 All element offsets are int64. Hyperparameters are runtime scalars (never
 ``tl.constexpr``); values whose float32 rounding would show in the result are
