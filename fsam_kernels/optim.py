@@ -138,6 +138,13 @@ def _eagerly(fn, *args):
     return fn(*args)
 
 
+def _clear_grads(param_groups) -> None:
+    """``p.grad = None`` for every parameter (first_step's ``zero_grad``)."""
+    for group in param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     """exp_avg / exp_avg_sq dtype: float64 for float64 params, else float32 (SPEC)."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -626,7 +633,10 @@ class _SAMBase(torch.optim.Optimizer):
         parameter of the optimizer is set to None, so the pass-2 backward
         cannot accumulate onto the pass-1 gradient (g(θ) + g(θ+e)) when the
         loop forgets ``zero_grad()``; ``zero_grad=False`` keeps them (then
-        zero them before the pass-2 backward yourself).
+        zero them before the pass-2 backward yourself). A ``first_step``
+        compiled with torch.compile keeps them too (setting ``.grad`` inside
+        the traced region makes aot_autograd refuse the next compiled
+        ``second_step``, checked with torch 2.13): zero them outside it.
 
         Every group's hyperparameters are validated first (as at
         construction: a schedule may have changed them), raising
@@ -659,10 +669,8 @@ class _SAMBase(torch.optim.Optimizer):
             _theta_changed()
         # records of pass 1 belong to this step (fsam_kernels.functional.step_generation)
         self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
-        if zero_grad:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        if zero_grad and not torch.compiler.is_compiling():
+            _clear_grads(self.param_groups)
 
     def _validate_groups(self, where: str) -> None:
         """Every group's hyperparameters checked as at construction (a few
@@ -1272,9 +1280,9 @@ class _SAMBase(torch.optim.Optimizer):
         per call: mark every micro-batch). With a ``first_step()`` pending (pass 2)
         it returns a tensor equal to ``output`` whose backward hands on the
         oldest record's c0 instead of the incoming gradient, so the caller's
-        ``loss.backward()`` accumulates J(θ+e)ᵀ c0 into ``.grad`` (SPEC §2). The
-        loss must depend on the parameters only through marked outputs (any
-        other term would add its own pass-2 gradient). For ``SAM``, under
+        ``loss.backward()`` accumulates J(θ+e)ᵀ c0 into ``.grad`` (SPEC §2). Loss
+        terms that do not pass through marked outputs (a weight penalty) add
+        their own gradient at θ+e, as in the forward-only closure. For ``SAM``, under
         ``torch.no_grad()`` and for outputs that do not require grad it returns
         ``output`` unchanged and records nothing.
 

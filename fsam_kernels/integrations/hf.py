@@ -26,12 +26,13 @@ produces them: :meth:`SAMTrainer.sam_output_module`; override it or
 :meth:`SAMTrainer.sam_output` for another model) gets a gradient hook in pass 1
 that records c0 = ∂ℓ/∂z of each micro-batch, and in pass 2 a hook that replaces
 the incoming gradient by that c0, so Trainer's own backward of the pass-2 loss
-accumulates J(θ+e)ᵀ c0 (SPEC §2). The loss must depend on the parameters only
-through ``z`` (true for the transformers language-model heads; an auxiliary
-loss such as a router loss would add its own pass-2 gradient).
+accumulates J(θ+e)ᵀ c0 (SPEC §2). Loss terms that do not pass through ``z``
+(a MoE router's load-balancing loss) keep their own gradient at θ+e, as in
+``FunctionalSAM.step(closure)``.
 
 Not supported (``ValueError`` at the first training step): fp16 loss scaling
-(``fp16=True``: use ``bf16=True``, which needs no scaler), DeepSpeed, and
+(``fp16=True``, on any device, CPU included: use ``bf16=True``, which needs no
+scaler), DeepSpeed, and
 ``ascent_sync="local"``.
 
 Source: transformers 5.x ``Trainer._run_epoch`` / ``training_step`` (checked
@@ -137,7 +138,7 @@ class SAMTrainer(Trainer):
         if not isinstance(opt, _SAMBase):
             raise TypeError(f"SAMTrainer: the optimizer must be SAM or FunctionalSAM, got "
                             f"{type(opt).__name__}")
-        if getattr(self.accelerator, "scaler", None) is not None:
+        if getattr(self.args, "fp16", False) or getattr(self.accelerator, "scaler", None) is not None:
             raise ValueError("SAMTrainer: fp16 loss scaling (fp16=True) is not supported; use "
                              "bf16=True, which needs no GradScaler")
         if self.is_deepspeed_enabled:
