@@ -44,6 +44,9 @@ def register_recorder(optimizer: Any, recorder: Any) -> None:
     of records of the current step not yet replayed) and refuse the step
     while it is not 0 (:func:`check_unreplayed`)."""
     _REGISTRY.setdefault(optimizer, weakref.WeakSet()).add(recorder)
+    # a plain flag second_step() reads before calling check_unreplayed, so an
+    # optimizer without recorders or marks keeps a compiled second_step whole
+    optimizer._step_vars["recorders"] = True
 
 
 def step_generation(optimizer: Any) -> int:

@@ -1014,8 +1014,9 @@ class _SAMBase(torch.optim.Optimizer):
         if self._perturbed is None:
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
         self._validate_groups("second_step")
-        from .functional import check_unreplayed
-        check_unreplayed(self)      # records of pass 1 not replayed: raise, nothing changed
+        if self._step_vars.get("recorders") or self._step_vars.get("output_marks"):
+            from .functional import check_unreplayed
+            check_unreplayed(self)  # records of pass 1 not replayed: raise, nothing changed
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         perturbed = self._perturbed
         try:
