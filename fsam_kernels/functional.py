@@ -281,7 +281,12 @@ def _dependencies(items: List[Tuple[str, Tensor]]) -> List[Tuple[int, int]]:
     edges: Dict[Tuple[int, int], int] = {}
     leaves: Dict[int, int] = {}
     pairs = set()
+    # the Python wrappers of autograd nodes may be created on access and freed
+    # after it, so an id() is unique only while its object lives: hold every
+    # node whose id is used as a key until the walk is over
+    keep: List[Any] = []
     for j, (_, t) in enumerate(items):
+        keep.append(t.grad_fn)
         key = (id(t.grad_fn), t.output_nr) if t.grad_fn is not None else None
         table, k = (edges, key) if key is not None else (leaves, id(t))
         if k in table:
@@ -305,6 +310,7 @@ def _dependencies(items: List[Tuple[str, Tensor]]) -> List[Tuple[int, int]]:
                 pairs.add((i, leaves[id(var)]))
             if id(node) not in seen:
                 seen.add(id(node))
+                keep.append(node)
                 stack.extend(node.next_functions)
     return sorted(pairs)
 
