@@ -137,3 +137,25 @@ def within_ulps(a: torch.Tensor, b: torch.Tensor, n: int = 1) -> bool:
     e = torch.floor(torch.log2(torch.clamp(mag, min=tiny)))
     spacing = torch.pow(2.0, e - MANT[a.dtype])
     return bool(((a64 - b64).abs() <= n * spacing + 0).all())
+
+
+from fsam_kernels.backends.reference import ReferenceBackend as _ReferenceBackend
+
+
+class GradSpy(_ReferenceBackend):
+    """Reference backend recording the pass-2 grads handed to ``restore_adamw``
+    (``seen[p]``) and the perturbed point (``perturbed[p]``), for tests that
+    compare them with an independent computation."""
+
+    def __init__(self):
+        self.seen = {}
+        self.perturbed = {}
+
+    def perturb(self, params, grads, backups, *a, **k):
+        super().perturb(params, grads, backups, *a, **k)
+        self.perturbed = {p: p.detach().clone() for p in params}
+
+    def restore_adamw(self, params, grads, backups, *a, **k):
+        for p, g in zip(params, grads):
+            self.seen[p] = g.clone()
+        return super().restore_adamw(params, grads, backups, *a, **k)

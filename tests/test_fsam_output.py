@@ -17,24 +17,9 @@ from torch import nn
 from torch.func import functional_call, vjp
 
 from fsam_kernels import CotangentRecorder, FunctionalSAM
-from fsam_kernels.backends.reference import ReferenceBackend
+from helpers import GradSpy
 from fsam_kernels.functional import is_model_output, select_output
 
-
-class _GradSpy(ReferenceBackend):
-    """Reference backend recording the pass-2 grads and the perturbed point."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def perturb(self, params, grads, backups, *a, **k):
-        super().perturb(params, grads, backups, *a, **k)
-        self.perturbed = {p: p.detach().clone() for p in params}
-
-    def restore_adamw(self, params, grads, backups, *a, **k):
-        for p, g in zip(params, grads):
-            self.seen[p] = g.clone()
-        return super().restore_adamw(params, grads, backups, *a, **k)
 
 
 class FakeModelOutput(dict):
@@ -70,7 +55,7 @@ Y = torch.randint(0, 6, (8,), generator=torch.Generator().manual_seed(2))
 
 def _step(model, closure, **kw):
     opt = FunctionalSAM(model.parameters(), lr=1e-3, rho=0.3, backend="reference", **kw)
-    spy = _GradSpy()
+    spy = GradSpy()
     opt._backends[torch.device("cpu")] = spy
     opt.step(closure)
     return opt, spy
@@ -135,7 +120,7 @@ def test_real_transformers_model_output():
     for form in ("model_output", "logits", "model_output_with_cache"):
         mm = copy.deepcopy(m)
         opt = FunctionalSAM(mm.parameters(), lr=1e-3, rho=0.1, backend="reference")
-        spy = _GradSpy()
+        spy = GradSpy()
         opt._backends[torch.device("cpu")] = spy
 
         def closure():
@@ -270,7 +255,7 @@ _CHUNKS = [slice(0, 3), slice(3, 6), slice(6, 8)]
 
 def _opt_with_spy(model):
     opt = FunctionalSAM(model.parameters(), lr=1e-3, rho=0.3, backend="reference")
-    spy = _GradSpy()
+    spy = GradSpy()
     opt._backends[torch.device("cpu")] = spy
     return opt, spy
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 
 from fsam_kernels import SAM, CotangentRecorder, FunctionalSAM
-from fsam_kernels.backends.reference import ReferenceBackend
+from helpers import GradSpy
 from fsam_kernels.heads import (FusedLinearCrossEntropy, HeadRecorder,
                                 fused_linear_cross_entropy)
 
@@ -145,17 +145,6 @@ class TinyLM(nn.Module):
         return self.lm_head(self.hidden(x))
 
 
-class _GradSpy(ReferenceBackend):
-    """Reference backend recording the pass-2 grads handed to restore_adamw."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def restore_adamw(self, params, grads, backups, *a, **k):
-        for p, g in zip(params, grads):
-            self.seen[p] = g.clone()
-        return super().restore_adamw(params, grads, backups, *a, **k)
-
 
 def _batches(n_micro, vocab=40, seed=3):
     g = torch.Generator().manual_seed(seed)
@@ -172,7 +161,7 @@ def _run(model, cls, precondition, head, batches, amp, steps=2):
     """``steps`` optimizer steps; returns the last step's pass-2 grads (by name)."""
     opt = cls(model.parameters(), lr=1e-2, rho=0.2, precondition=precondition,
               backend="reference")
-    spy = _GradSpy()
+    spy = GradSpy()
     opt._backends[torch.device("cpu")] = spy
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else torch.enable_grad
     k = len(batches)
@@ -271,7 +260,7 @@ def test_grad_scaler_fsam_equals_plain():
     for head in ("fused", "plain"):
         m = copy.deepcopy(base)
         opt = FunctionalSAM(m.parameters(), lr=1e-2, rho=0.2, backend="reference")
-        spy = _GradSpy()
+        spy = GradSpy()
         opt._backends[torch.device("cpu")] = spy
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
 

@@ -21,28 +21,13 @@ from torch import nn
 from torch.func import functional_call, grad, vjp
 
 from fsam_kernels import SAM, FunctionalSAM, CotangentRecorder
-from fsam_kernels.backends.reference import ReferenceBackend
+from helpers import GradSpy
 
 # SPEC §3/§5: with ρ = 0 the fused AdamW equals torch.optim.AdamW to float32
 # rounding; float32 tolerances of SPEC §5
 F32 = dict(rtol=1e-6, atol=1e-7)
 F64 = dict(rtol=1e-10, atol=1e-12)
 
-
-class _GradSpy(ReferenceBackend):
-    """Reference backend recording the pass-2 grads and the perturbed point."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def perturb(self, params, grads, backups, *a, **k):
-        super().perturb(params, grads, backups, *a, **k)
-        self.perturbed = {p: p.detach().clone() for p in params}
-
-    def restore_adamw(self, params, grads, backups, *a, **k):
-        for p, g in zip(params, grads):
-            self.seen[p] = g.clone()
-        return super().restore_adamw(params, grads, backups, *a, **k)
 
 
 def _mlp(dtype=torch.float32, seed=0):
@@ -95,7 +80,7 @@ def test_regulariser_rho_positive_equals_torch_func():
     names = [n for n, _ in m.named_parameters()]
     theta = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = FunctionalSAM(m.parameters(), lr=1e-3, rho=0.3, backend="reference")
-    spy = _GradSpy()
+    spy = GradSpy()
     opt._backends[torch.device("cpu")] = spy
     opt.step(lambda: (lambda z: (z, F.cross_entropy(z, y) + _reg(m.parameters())))(m(x)))
     params = dict(m.named_parameters())
@@ -157,7 +142,7 @@ def test_mixtral_router_loss_rho_positive_equals_torch_func():
     names = [n for n, _ in m.named_parameters()]
     theta = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = FunctionalSAM(m.parameters(), lr=1e-3, rho=0.05, backend="reference")
-    spy = _GradSpy()
+    spy = GradSpy()
     opt._backends[torch.device("cpu")] = spy
     opt.step(lambda: (lambda o: (o, o.loss))(m(IDS, labels=IDS)))
     params = dict(m.named_parameters())
