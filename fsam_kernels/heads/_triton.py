@@ -46,13 +46,15 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, sh, sw,
                  PREC: tl.constexpr):
     """z[rows, cols] in float32, accumulated over d in BLOCK_D slices."""
     z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    d0 = 0
+    while d0 < D:  # not range(): runtime bounds break the Triton 3.6 interpreter
         dd = d0 + tl.arange(0, BLOCK_D)
         a = tl.load(h_ptr + rows[:, None] * sh + dd[None, :],
                     mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0).to(tl.float32)
         b = tl.load(w_ptr + cols[:, None] * sw + dd[None, :],
                     mask=(cols[:, None] < V) & (dd[None, :] < D), other=0.0).to(tl.float32)
         z += tl.dot(a, tl.trans(b), input_precision=PREC)
+        d0 += BLOCK_D
     return z
 
 
@@ -80,7 +82,8 @@ def _fwd(h_ptr, w_ptr, y_ptr, lse_ptr, zy_ptr, N, V, D, sh, sw, ignore_index,
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v0 = 0
+    while v0 < V:  # not range(): runtime bounds break the Triton 3.6 interpreter
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, sh, sw,
                          BLOCK_N, BLOCK_V, BLOCK_D, PREC)
@@ -89,6 +92,7 @@ def _fwd(h_ptr, w_ptr, y_ptr, lse_ptr, zy_ptr, N, V, D, sh, sw, ignore_index,
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        v0 += BLOCK_V
     lse = m + tl.log(s)
     tl.store(lse_ptr + rows, lse, mask=rows < N)
     tl.store(zy_ptr + rows, tl.where(y != ignore_index, zy, 0.0), mask=rows < N)
@@ -103,7 +107,8 @@ def _grad_h(ha_ptr, wa_ptr, lse_ptr, y_ptr, coef_ptr, wb_ptr, gh_ptr, N, V, D, s
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v0 = 0
+    while v0 < V:  # not range(): runtime bounds break the Triton 3.6 interpreter
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _logits_tile(ha_ptr, wa_ptr, rows, cols, N, V, D, sh, sw,
                          BLOCK_N, BLOCK_V, BLOCK_D, PREC)
@@ -111,6 +116,7 @@ def _grad_h(ha_ptr, wa_ptr, lse_ptr, y_ptr, coef_ptr, wb_ptr, gh_ptr, N, V, D, s
         wb = tl.load(wb_ptr + cols[:, None] * sw + dd[None, :],
                      mask=(cols[:, None] < V) & (dd[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.dot(c, wb, input_precision=PREC)
+        v0 += BLOCK_V
     tl.store(gh_ptr + rows[:, None] * sg + dd[None, :], acc,
              mask=(rows[:, None] < N) & (dd[None, :] < D))
 
@@ -124,7 +130,8 @@ def _grad_w(ha_ptr, wa_ptr, lse_ptr, y_ptr, coef_ptr, hb_ptr, gw_ptr, N, V, D, s
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    n0 = 0
+    while n0 < N:  # not range(): runtime bounds break the Triton 3.6 interpreter
         rows = n0 + tl.arange(0, BLOCK_N)
         z = _logits_tile(ha_ptr, wa_ptr, rows, cols, N, V, D, sh, sw,
                          BLOCK_N, BLOCK_V, BLOCK_D, PREC)
@@ -132,6 +139,7 @@ def _grad_w(ha_ptr, wa_ptr, lse_ptr, y_ptr, coef_ptr, hb_ptr, gw_ptr, N, V, D, s
         hb = tl.load(hb_ptr + rows[:, None] * sh + dd[None, :],
                      mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0).to(tl.float32)
         acc += tl.dot(tl.trans(c), hb, input_precision=PREC)
+        n0 += BLOCK_N
     tl.store(gw_ptr + cols[:, None] * sg + dd[None, :], acc,
              mask=(cols[:, None] < V) & (dd[None, :] < D))
 
