@@ -6,8 +6,11 @@ all-reduced in both; no other all-reduce is issued (counted with a comm hook).
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from fsam_kernels import SAM, FunctionalSAM
 
 RHO = 0.1
+_TIMEOUT_S = 60
 
 
 def _model():
@@ -49,10 +53,37 @@ def _grads(model, x, y, at=None, cot=None):
     return [p.grad.clone() for p in m.parameters()], out
 
 
-def _worker(rank, world, port):
+def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that one rank never reaches raises after this, instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=_TIMEOUT_S))
+
+
+def _finish():
+    # free the DDP reducers and optimizers (reference cycles) while the process group
+    # still exists: a reducer collected after destroy_process_group can hang its process
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world):
+    """mp.spawn ``fn(rank, world, port)`` on ``world`` processes; fail (and kill them)
+    if they have not all finished within 3 x _TIMEOUT_S seconds."""
+    ctx = mp.start_processes(fn, args=(world, _free_port()), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 3 * _TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{fn.__name__}: the {world} ranks did not finish within {3 * _TIMEOUT_S} s")
+
+
+def _worker(rank, world, port):
+    _init(rank, world, port)
     try:
         for cls in (SAM, FunctionalSAM):
             counts = {}
@@ -117,7 +148,7 @@ def _worker(rank, world, port):
             # never an extra all-reduce: local = pass 2 only, global = both passes
             assert counts["local"] >= 1 and counts["global"] == 2 * counts["local"], counts
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _free_port():
@@ -129,7 +160,7 @@ def _free_port():
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_ddp_ascent_sync_two_ranks():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    _spawn(_worker, 2)
 
 
 def test_ascent_sync_local_needs_ddp_model():
@@ -138,3 +169,81 @@ def test_ascent_sync_local_needs_ddp_model():
         SAM(p, ascent_sync="local")
     with pytest.raises(ValueError, match="ascent_sync"):
         SAM(p, ascent_sync="sometimes")
+
+
+# ------------------------------------------- the fused LM head under DDP (gloo, CPU)
+class _HeadLM(nn.Module):
+    """Embedding -> Linear -> tied FusedLinearCrossEntropy (returns a HeadOutput)."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        from fsam_kernels.heads import FusedLinearCrossEntropy
+        self.embed = nn.Embedding(vocab, d)
+        self.body = nn.Linear(d, d)
+        self.head = FusedLinearCrossEntropy(self.embed, chunk_size=5)   # several chunks
+
+    def forward(self, x, y):
+        return self.head(torch.tanh(self.body(self.embed(x))), y)
+
+
+def _head_lm():
+    torch.manual_seed(1)
+    return _HeadLM()
+
+
+def _head_data(rank, step):
+    # equal token counts per rank (no ignored labels), so the mean loss of the
+    # concatenated batch is the average of the ranks' mean losses, as DDP averages
+    g = torch.Generator().manual_seed(100 + 10 * step + rank)
+    return torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 11, (3, 4), generator=g)
+
+
+def _head_run(cls, net, batches, **kw):
+    """Two ``step(closure)`` steps with the closure returning ``(out, out.loss)``."""
+    opt = cls(net.parameters(), lr=1e-2, rho=RHO, backend="reference", **kw)
+    for x, y in batches:
+        def closure():
+            out = net(x, y)
+            return out, out.loss
+        opt.step(closure)
+
+
+def _head_checks(rank, world):
+    from helpers import F32_ATOL, F32_RTOL_10   # tests/helpers.py (SPEC §5)
+    for cls in (SAM, FunctionalSAM):
+        # single process on the concatenated batch of all ranks
+        ref = _head_lm()
+        _head_run(cls, ref, [tuple(torch.cat(t) for t in zip(*[_head_data(r, s)
+                                                              for r in range(world)]))
+                             for s in range(2)])
+        model = _head_lm()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        _head_run(cls, ddp, [_head_data(rank, s) for s in range(2)], model=ddp)
+        moved = False
+        for (name, p), q, p0 in zip(model.named_parameters(), ref.parameters(),
+                                    _head_lm().parameters()):
+            gathered = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(gathered, p.detach().contiguous())   # every rank, before any assert
+            assert all(torch.equal(gathered[0], t) for t in gathered), \
+                f"{cls.__name__} {name}: ranks differ"
+            torch.testing.assert_close(p, q, rtol=F32_RTOL_10, atol=F32_ATOL,
+                                       msg=lambda m, n=name: f"{cls.__name__} {n}: {m}")
+            moved = moved or not torch.equal(p, p0)
+        assert moved, f"{cls.__name__}: the parameters did not move"
+
+
+def _head_worker(rank, world, port):
+    _init(rank, world, port)
+    try:
+        _head_checks(rank, world)
+    finally:
+        _finish()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_fused_head_matches_concatenated_batch():
+    """FusedLinearCrossEntropy (tied) under 2-rank DDP with SAM and FunctionalSAM,
+    step(closure) returning (out, out.loss), 2 steps: every rank equals a single
+    process on the concatenated batch (SPEC §5 float32) and the ranks are bitwise equal."""
+    _spawn(_head_worker, 2)

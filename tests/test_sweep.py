@@ -335,3 +335,24 @@ def test_build_report_on_synthetic_results():
     md = S.format_report({**rep, "config": {**cfg, "corpus_name": "x", "num_params": 1,
                                             "train_args": {"preset": "tiny"}}})
     assert "| sam | 0.2 | 10 | 20 | 2/3 |" in md and "Missing runs (1)" in md
+
+
+def test_committed_sweep_results_are_not_git_ignored():
+    """The per-run result.json files a study exports under bench/results/<study>/runs/
+    must be committable (an ignore pattern matching ``runs/`` at any depth once kept
+    them out of the repository while the README said they were there)."""
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    paths = ["bench/results/sweep-shakespeare-cpu/runs/adamw-rho0-seed0-steps3000/result.json",
+             "bench/results/any-study/runs/x/result.json", "bench/results/x.json"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", "-v", *paths], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == "", f"ignored by git: {r.stdout}"
+    # the sweep's own scratch directory at the top level stays ignored
+    r = subprocess.run(["git", "check-ignore", "--no-index", "-q", "runs/sweep/runs/x/result.json"],
+                       cwd=root)
+    assert r.returncode == 0
