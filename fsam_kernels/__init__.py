@@ -7,7 +7,7 @@ minimization broadens applicability of SAM", ICML 2025 (arXiv 2502.02407).
 """
 from .backends import available_backends, get_backend
 from .optim import SAM, FunctionalSAM, bn_stats_frozen
-from .functional import CotangentRecorder
+from .cotangent import CotangentRecorder
 
 __all__ = ["SAM", "FunctionalSAM", "CotangentRecorder", "bn_stats_frozen", "get_backend",
            "available_backends"]

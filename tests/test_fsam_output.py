@@ -18,8 +18,7 @@ from torch.func import functional_call, vjp
 
 from fsam_kernels import CotangentRecorder, FunctionalSAM
 from helpers import GradSpy
-from fsam_kernels.functional import is_model_output, select_output
-
+from fsam_kernels.cotangent import is_model_output, select_output
 
 
 class FakeModelOutput(dict):
@@ -354,3 +353,34 @@ def test_mark_output_hand_loop_refuses_fewer_marks():
     _loss(opt.mark_output(model(X[_CHUNKS[2]])), _CHUNKS[2]).backward()
     opt.second_step()
     _check_pass2(model, theta, spy)
+
+
+def test_old_module_name_functional_gives_the_cotangent_objects():
+    """fsam_kernels.functional (the module's former name) re-exports
+    fsam_kernels.cotangent: every name, private helpers and module state
+    included, is the very same object; unknown names still raise."""
+    import importlib
+
+    import fsam_kernels
+    import fsam_kernels.cotangent as new
+    import fsam_kernels.functional as old
+    from fsam_kernels.functional import CotangentRecorder as OldRecorder
+    from fsam_kernels.functional import _stale_capture_error, register_recorder
+
+    assert OldRecorder is new.CotangentRecorder is fsam_kernels.CotangentRecorder
+    assert register_recorder is new.register_recorder
+    assert _stale_capture_error is new._stale_capture_error
+    assert old.__all__ == new.__all__ == ["CotangentRecorder", "flatten_output", "select_output",
+                                          "is_model_output"]
+    names = [n for n in vars(new) if not (n.startswith("__") and n.endswith("__"))]
+    assert {"_REGISTRY", "check_unreplayed", "step_generation", "check_selector"} <= set(names)
+    for n in names:
+        assert getattr(old, n) is getattr(new, n), n
+    assert set(names) <= set(dir(old))
+    star: dict = {}
+    exec("from fsam_kernels.functional import *", star)
+    assert {n for n in star if n != "__builtins__"} == set(new.__all__)
+    assert all(star[n] is getattr(new, n) for n in new.__all__)
+    with pytest.raises(AttributeError, match="'fsam_kernels.functional'.*no attribute 'nope'"):
+        old.nope  # noqa: B018
+    assert importlib.import_module("fsam_kernels.functional") is old
