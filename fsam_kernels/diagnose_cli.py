@@ -49,6 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import diagnostics as D
+from ._cli import (NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, atomic_write_json,
+                   check_ranges, device_and_backend)
 
 #: (key, panel title, log scale) of the plot
 PANELS = [
@@ -465,29 +467,13 @@ def load_results(path: str) -> dict:
     return res
 
 
-def _write_json(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False, default=str)
-    os.replace(tmp, path)
-
-
-def _check_ranges(parser, checks) -> None:
-    """``checks``: (flag, value, ok); parser.error echoing the first bad value."""
-    for flag, v, ok in checks:
-        if not ok:
-            parser.error(f"{flag} {v} is out of range")
-
-
 def main(argv=None) -> int:
     """Entry point of ``fsam-diagnose``; returns 0 (argument errors exit with
     status 2 and a message naming the argument and the value)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        parser.error(f"--threads {threads} is out of range")
+    check_ranges(parser, (("--threads", threads, POSITIVE_INT.or_unset()),))
     if threads:
         torch.set_num_threads(threads)
     if args.cmd == "plot":
@@ -505,12 +491,11 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}")
         return 0
     if args.cmd == "checkpoint":
-        _check_ranges(parser, (
-            ("--measure-rho", args.measure_rho, args.measure_rho is None or args.measure_rho > 0),
-            ("--lanczos-iters", args.lanczos_iters, args.lanczos_iters >= 1),
-            ("--trace-samples", args.trace_samples, args.trace_samples >= 1),
-            ("--eval-batch-size", args.eval_batch_size,
-             args.eval_batch_size is None or args.eval_batch_size >= 1)))
+        check_ranges(parser, (
+            ("--measure-rho", args.measure_rho, POSITIVE_FLOAT.or_unset()),
+            ("--lanczos-iters", args.lanczos_iters, POSITIVE_INT),
+            ("--trace-samples", args.trace_samples, POSITIVE_INT),
+            ("--eval-batch-size", args.eval_batch_size, POSITIVE_INT.or_unset())))
         from .lm.data import DataError
 
         try:
@@ -522,45 +507,39 @@ def main(argv=None) -> int:
             if not str(e).startswith("CKPT "):
                 raise
             parser.error(str(e))
-        _write_json(_clean(res), args.out_json)
+        atomic_write_json(args.out_json, _clean(res), allow_nan=False)
         print(f"wrote {args.out_json}")
         return 0
-    _check_ranges(parser, (
-        ("--steps", args.steps, args.steps >= 1), ("--every", args.every, args.every >= 1),
-        ("--batch-size", args.batch_size, args.batch_size >= 1),
-        ("--eval-batch-size", args.eval_batch_size, args.eval_batch_size >= 1),
-        ("--lr", args.lr, args.lr >= 0), ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
-        ("--eps", args.eps, args.eps >= 0),
-        ("--rho", args.rho, args.rho > 0), ("--prho", args.prho, args.prho > 0),
-        ("--measure-rho", args.measure_rho, args.measure_rho is None or args.measure_rho > 0),
-        ("--lanczos-iters", args.lanczos_iters, args.lanczos_iters >= 1),
-        ("--trace-samples", args.trace_samples, args.trace_samples >= 1),
-        ("--seed", args.seed, args.seed >= 0)))
+    check_ranges(parser, (
+        ("--steps", args.steps, POSITIVE_INT), ("--every", args.every, POSITIVE_INT),
+        ("--batch-size", args.batch_size, POSITIVE_INT),
+        ("--eval-batch-size", args.eval_batch_size, POSITIVE_INT),
+        ("--lr", args.lr, NONNEG_FLOAT), ("--weight-decay", args.weight_decay, NONNEG_FLOAT),
+        ("--eps", args.eps, NONNEG_FLOAT), ("--rho", args.rho, POSITIVE_FLOAT),
+        ("--prho", args.prho, POSITIVE_FLOAT),
+        ("--measure-rho", args.measure_rho, POSITIVE_FLOAT.or_unset()),
+        ("--lanczos-iters", args.lanczos_iters, POSITIVE_INT),
+        ("--trace-samples", args.trace_samples, POSITIVE_INT), ("--seed", args.seed, NONNEG_INT)))
     if args.cmd == "vision":
-        _check_ranges(parser, (("--width", args.width, args.width >= 1),))
+        check_ranges(parser, (("--width", args.width, POSITIVE_INT),))
     try:
         betas = tuple(float(b) for b in args.betas.split(","))
     except ValueError:
         betas = ()
     if len(betas) != 2:
         parser.error(f"--betas must be 'b1,b2', got {args.betas!r}")
-    from .lm.train import check_backend, parse_optimizers
+    from .lm.train import parse_optimizers
 
     try:
         parse_optimizers(args.optimizers)
-        check_backend(args.backend, "cpu")  # the models are trained on the CPU
     except ValueError as e:
         parser.error(str(e))
+    device_and_backend(parser, "cpu", args.backend)  # the models are trained on the CPU
     if args.cmd == "text":
-        from .lm.model import PRESETS
+        from .lm.train import check_preset
 
-        _check_ranges(parser, (("--seq-len", args.seq_len, args.seq_len >= 1),))
-        if args.preset not in PRESETS:
-            parser.error(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-        block = PRESETS[args.preset].block_size
-        if args.seq_len > block:
-            parser.error(f"--seq-len {args.seq_len} exceeds the context (block_size={block}) "
-                         f"of --preset {args.preset}")
+        check_ranges(parser, (("--seq-len", args.seq_len, POSITIVE_INT),))
+        check_preset(parser, args.preset, args.seq_len)
     out_json = args.out_json or os.path.join(DEFAULT_OUT_DIR, f"diagnostics-{args.cmd}.json")
     out_png = args.plot or os.path.splitext(out_json)[0] + ".png"
     from .lm.data import DataError
@@ -569,7 +548,7 @@ def main(argv=None) -> int:
         res = run_training(args, args.cmd)
     except DataError as e:  # raised while preparing the data, before any training
         parser.error(str(e))
-    _write_json(_clean(res), out_json)
+    atomic_write_json(out_json, _clean(res), allow_nan=False)
     plot([res], out_png)
     print(format_table(res))
     print(f"wrote {out_json} and {out_png} ({res['wall_s']}s)")

@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from fsam_kernels._cli import atomic_write_json
 from fsam_kernels.lm import data as lmdata
 from fsam_kernels.lm import sweep as S
 from fsam_kernels.lm import train as lmtrain
@@ -294,7 +295,7 @@ def test_unigram_loss_by_hand():
 def test_new_fsam_train_option_at_its_default_still_matches(tmp_path):
     cfg = {k: None for k in S._MATCH}
     cfg["train_args"] = {"lr": 0.003}
-    S._atomic_json(str(tmp_path / "sweep.json"), {"config": cfg})
+    atomic_write_json(str(tmp_path / "sweep.json"), {"config": cfg})
     S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 8}})  # default
     with pytest.raises(ValueError, match="--eval-batches was None, now 9"):
         S.check_config(str(tmp_path), {**cfg, "train_args": {"lr": 0.003, "eval_batches": 9}})

@@ -51,7 +51,6 @@ All losses are next-token cross-entropy in nats/token.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -65,9 +64,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from .._cli import (NONNEG_INT, POSITIVE_INT, amp_autocast, atomic_write_json, atomic_write_jsonl,
+                    atomic_write_text, check_ranges, device_and_backend, set_threads)
 from . import train as T
 from .data import DataError, prepare_from_args, val_batches
-from .model import GPT, PRESETS, GPTConfig, config_for
+from .model import GPT, GPTConfig, config_for
 
 #: the names of the grid (``--optimizers``) plus the compute-matched baseline
 SAM_FAMILY = ("sam", "fsam", "psam", "pfsam")
@@ -307,13 +308,6 @@ def choose_rho(results: dict, name: str, grid, select_seeds, steps) -> dict:
 
 
 # --------------------------------------------------------------------------- one run
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocast,
             diagnose: bool = True) -> dict:
     """Train (or resume) ``spec`` with :func:`fsam_kernels.lm.train.train_one`
@@ -332,7 +326,7 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
     records: list[dict] = []
     mpath = os.path.join(rdir, "metrics.jsonl")
     summary = T.train_one(spec.optimizer, spec.seed, args, data, val, device, autocast, records,
-                          lambda: T._write_jsonl(mpath, records))
+                          lambda: atomic_write_jsonl(mpath, records))
     if not summary["finished"]:
         raise RuntimeError(f"run {spec.run_id} stopped at step {summary['steps']} of {spec.steps}")
     ck = torch.load(os.path.join(rdir, "ckpt", f"{spec.optimizer}-seed{spec.seed}.pt"),
@@ -364,7 +358,7 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
         torch.manual_seed(0)
         result["diagnostics"] = diagnose_lm(model, opt, *val[0], rho=DIAG_RHO, seed=0)
         result["diag_wall_s"] = time.perf_counter() - t0
-    _atomic_json(os.path.join(rdir, "result.json"), result)
+    atomic_write_json(os.path.join(rdir, "result.json"), result)
     return result
 
 
@@ -600,14 +594,10 @@ def plot_report(rep: dict, out: str) -> list[str]:
 def write_report(out: str, cfg: dict, results: dict, plots: bool = True) -> dict:
     rep = build_report(cfg, results)
     # the per-run results (curves, diagnostics) stay in runs/<run id>/result.json
-    _atomic_json(os.path.join(out, "report.json"),
-                 {**{k: v for k, v in rep.items() if k != "results"},
-                  "results": {rid: f"runs/{rid}/result.json" for rid in sorted(results)}})
-    md = format_report(rep)
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, os.path.join(out, "report.md"))
+    atomic_write_json(os.path.join(out, "report.json"),
+                      {**{k: v for k, v in rep.items() if k != "results"},
+                       "results": {rid: f"runs/{rid}/result.json" for rid in sorted(results)}})
+    atomic_write_text(os.path.join(out, "report.md"), format_report(rep))
     if plots:
         plot_report(rep, out)
     return rep
@@ -696,37 +686,17 @@ def parse_args(argv=None):
         validate_grid(names, rhos, prhos, seeds, select)
     except ValueError as e:
         p.error(str(e))
-    for flag, v, ok in (("--steps", args.steps, args.steps >= 1), ("--evals", args.evals, args.evals >= 1),
-                        ("--test-batches", args.test_batches, args.test_batches >= 1),
-                        ("--max-runs", args.max_runs, args.max_runs is None or args.max_runs >= 0),
-                        ("--threads", args.threads, args.threads is None or args.threads >= 1)):
-        if not ok:
-            p.error(f"{flag} {v} is out of range")
+    check_ranges(p, (("--steps", args.steps, POSITIVE_INT), ("--evals", args.evals, POSITIVE_INT),
+                     ("--test-batches", args.test_batches, POSITIVE_INT),
+                     ("--max-runs", args.max_runs, NONNEG_INT.or_unset()),
+                     ("--threads", args.threads, POSITIVE_INT.or_unset())))
     own = [a for a in rest if a.split("=")[0] in _OWN]
     if own:
         p.error(f"{own[0].split('=')[0]} is set by fsam-sweep per run; use the sweep's own options")
     targs = tp.parse_args(rest)
-    try:
-        targs.betas = tuple(float(b) for b in targs.betas.split(","))
-        if len(targs.betas) != 2:
-            raise ValueError
-    except ValueError:
-        p.error(f"--betas must be 'b1,b2', got {targs.betas!r}")
-    if targs.preset not in PRESETS:
-        p.error(f"--preset {targs.preset!r} is not one of {', '.join(PRESETS)}")
-    if targs.seq_len > PRESETS[targs.preset].block_size:
-        p.error(f"--seq-len {targs.seq_len} exceeds the context (block_size="
-                f"{PRESETS[targs.preset].block_size}) of --preset {targs.preset}")
-    for flag, v, ok in (("--batch-size", targs.batch_size, targs.batch_size >= 1),
-                        ("--seq-len", targs.seq_len, targs.seq_len >= 1),
-                        ("--eval-batches", targs.eval_batches, targs.eval_batches >= 1),
-                        ("--lr", targs.lr, targs.lr >= 0),
-                        ("--warmup", targs.warmup, targs.warmup is None or targs.warmup >= 0),
-                        ("--min-lr-ratio", targs.min_lr_ratio, 0 <= targs.min_lr_ratio <= 1)):
-        if not ok:
-            p.error(f"{flag} {v} is out of range")
-    if targs.data:
-        targs.data = [os.path.abspath(x) for x in targs.data]
+    # the ranges of fsam-train's options (--batch-size, --lr, ...) were checked by its parser;
+    # --betas to a tuple, --preset, --seq-len, --data absolute, --max-chars, --vocab-size
+    T.finish_train_args(p, targs)
     targs.warmup_arg = None if targs.warmup is None else max(1, targs.warmup)
     targs.test_fraction = args.test_fraction
     targs.no_progress = args.no_progress
@@ -789,16 +759,9 @@ def main(argv=None) -> int:
         rep = write_report(args.out, cfg, collect_results(args.out), plots=args.plots)
         print(format_report(rep))
         return 0
-    try:
-        device = T.resolve_device(targs.device)
-        T.check_backend(targs.backend, device)
-    except ValueError as e:
-        parser.error(str(e))
-    threads = args.threads or T.default_threads()
-    torch.set_num_threads(threads)
-    if targs.amp and device.type != "cuda":
-        parser.error("--amp needs a CUDA --device")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if targs.amp else contextlib.nullcontext
+    device = device_and_backend(parser, targs.device, targs.backend)
+    threads = set_threads(args.threads)
+    autocast = amp_autocast(parser, targs.amp, device)
     try:
         data = prepare_from_args(targs)
         val = val_batches(data.val, targs.batch_size, targs.seq_len, targs.eval_batches, device)
@@ -819,9 +782,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     cmd = "fsam-sweep " + " ".join(sys.argv[1:] if argv is None else argv)
-    _atomic_json(os.path.join(args.out, "sweep.json"),
-                 {"config": cfg, "command": cmd, "machine": machine(), "threads": threads,
-                  "device": str(device)})
+    atomic_write_json(os.path.join(args.out, "sweep.json"),
+                      {"config": cfg, "command": cmd, "machine": machine(), "threads": threads,
+                       "device": str(device)})
     cfg["machine"], cfg["command"], cfg["threads"] = machine(), cmd, threads
     train_view = SimpleNamespace(train=data.train, vocab_size=data.vocab_size)  # no val/test here
     print(f"fsam-sweep: {data.meta['corpus']} corpus, {len(data.train):,} train / {len(data.val):,} val / "

@@ -72,18 +72,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+# resolve_device, check_backend and default_threads live in fsam_kernels._cli (shared by the
+# CLIs); imported here also so that fsam_kernels.lm.train.resolve_device etc. keep working
+from .._cli import (FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT,  # noqa: F401
+                    amp_autocast, atomic_torch_save, atomic_write_json, atomic_write_jsonl,
+                    check_backend, default_threads, device_and_backend, resolve_device,
+                    set_threads)
 from .data import DataError, add_data_args, prepare_from_args, train_batch, val_batches
 from .model import GPT, PRESETS, config_for
 
@@ -106,36 +111,6 @@ _RESUME_KEYS = ("preset", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio"
                 "vocab_size", "val_fraction", "max_chars", "eval_batches", "amp")
 
 
-def _number(kind: type, low: float, high: Optional[float] = None, *, low_open: bool = False,
-            high_open: bool = False):
-    """An argparse ``type=`` for a finite int or float in a range: a bad value
-    is a parse error (exit status 2) naming the option, the value and the
-    range, e.g. ``argument --rho: inf is out of range: expected a finite float >= 0``."""
-    lo = f"{'>' if low_open else '>='} {low:g}"
-    if high is None:
-        rng = lo
-    else:
-        rng = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a float'} {rng}, "
-                f"got {text!r}") from None
-        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (
-            high is None or (v < high if high_open else v <= high))
-        if not ok:
-            raise argparse.ArgumentTypeError(
-                f"{text} is out of range: expected "
-                f"{'an integer' if kind is int else 'a finite float'} {rng}")
-        return v
-
-    parse.__name__ = kind.__name__        # argparse's "invalid <name> value" wording
-    return parse
-
-
 def _betas(text: str) -> str:
     """``--betas``: two floats 'b1,b2', each in [0, 1) (AdamW's range); kept
     as the string (main() and the sweep split it)."""
@@ -153,9 +128,9 @@ def _betas(text: str) -> str:
     return text
 
 
-_POS_INT = _number(int, 1)
-_NONNEG_INT = _number(int, 0)
-_NONNEG = _number(float, 0)
+_POS_INT = POSITIVE_INT.argtype()
+_NONNEG_INT = NONNEG_INT.argtype()
+_NONNEG = NONNEG_FLOAT.argtype()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain: full logits and F.cross_entropy")
     p.add_argument("--seq-len", type=_POS_INT, default=128, help="tokens per sequence (<= the preset's context)")
     p.add_argument("--lr", type=_NONNEG, default=3e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=_number(float, 0, 1), default=0.1,
+    p.add_argument("--min-lr-ratio", type=FRACTION.argtype(), default=0.1,
                    help="final lr of the cosine schedule as a fraction of --lr")
     p.add_argument("--warmup", type=_NONNEG_INT, default=None,
                    help="linear warm-up steps (default: 10%% of --steps, at most 200)")
@@ -230,61 +205,35 @@ def parse_optimizers(spec: str) -> list[str]:
     return names
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``--device`` -> a ``torch.device`` that exists on this machine.
-
-    ``auto`` is cuda when available, else cpu. Raises ValueError naming
-    ``--device`` for an unparseable string, CUDA without a CUDA build or
-    device, an index beyond the device count, or another unavailable type."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"--device {spec!r} is not a device name ({exc}); "
-                         "expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec!r}: CUDA is not available here (torch {torch.__version__}"
-                             f"{', built without CUDA' if torch.version.cuda is None else ''}); "
-                             "use --device cpu or auto")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"--device {spec!r}: this machine has {n} CUDA device(s) "
-                             f"(cuda:0 .. cuda:{n - 1})")
-        return dev
-    mod = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
-    is_available = getattr(mod, "is_available", None)
-    if callable(is_available) and is_available():
-        return dev
-    raise ValueError(f"--device {spec!r}: device type {dev.type!r} is not available here; "
-                     "use auto, cpu or cuda")
+def check_preset(parser: argparse.ArgumentParser, preset: str, seq_len: int) -> None:
+    """``parser.error`` unless ``--preset`` is one of :data:`PRESETS` and
+    ``--seq-len`` fits its context (``block_size``)."""
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    block = PRESETS[preset].block_size
+    if seq_len > block:
+        parser.error(f"--seq-len {seq_len} exceeds the context (block_size={block}) "
+                     f"of --preset {preset}")
 
 
-def check_backend(name: str, device) -> None:
-    """Raise ValueError naming ``--backend`` if ``name`` is not a backend of
-    :data:`fsam_kernels.backends.BACKEND_NAMES` or cannot run on ``device``."""
-    from ..backends import BACKEND_NAMES, backend_availability
-
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"--backend {name!r} is not one of {', '.join(BACKEND_NAMES)}")
-    if name == "auto":
-        return
-    ok, why = backend_availability(name, device)
-    if not ok:
-        raise ValueError(f"--backend {name} is not available on {torch.device(device)}: {why}")
-
-
-def default_threads() -> int:
-    env = os.environ.get("OMP_NUM_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def finish_train_args(parser: argparse.ArgumentParser, args) -> None:
+    """The checks of the parsed fsam-train options that their ``type=``
+    cannot make (exit status 2 through ``parser.error``, naming the option):
+    :func:`check_preset`, ``--max-chars`` and ``--vocab-size`` (declared in
+    :func:`fsam_kernels.lm.data.add_data_args`). Normalises in place:
+    ``args.betas`` from ``'b1,b2'`` (checked by its ``type=``) to a tuple of
+    two floats, ``args.data`` to absolute paths. Used by fsam-train and
+    fsam-sweep."""
+    args.betas = tuple(float(b) for b in args.betas.split(","))
+    check_preset(parser, args.preset, args.seq_len)
+    if args.data:
+        args.data = [os.path.abspath(p) for p in args.data]
+    if args.max_chars is not None and args.max_chars < 1:
+        parser.error(f"--max-chars: expected an integer >= 1 (characters kept per source), "
+                     f"got {args.max_chars}")
+    if args.tokenizer == "bpe" and args.vocab_size < 256:
+        parser.error(f"--vocab-size: expected an integer >= 256 for the byte-level BPE "
+                     f"(256 byte tokens plus merges), got {args.vocab_size}")
 
 
 def lr_at(step: int, args) -> float:
@@ -320,20 +269,6 @@ def make_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optim
     cls = getattr(fsam_kernels, cls_name)
     rho = args.prho if precondition else args.rho
     return cls(groups, rho=rho, precondition=precondition, backend=args.backend, **common)
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -463,118 +398,211 @@ def train_step(model, opt, micro_batches, autocast=contextlib.nullcontext,
 
 
 # --------------------------------------------------------------------------- one run
-def train_one(name: str, seed: int, args, data, val, device, autocast, records_out: list,
-              on_eval) -> dict:
-    """Train optimizer ``name`` from seed ``seed``; returns the run's summary.
+class Trainer:
+    """One ``fsam-train`` run: optimizer ``name`` (a key of :data:`OPTIMIZERS`)
+    trained from seed ``seed`` with the hyperparameters of ``args`` (the
+    fsam-train namespace: ``out``, ``steps``, ``stop_after``, ``eval_every``,
+    ``diagnose_every``, the model, data, optimizer and schedule options).
 
-    Appends evaluation records to ``records_out`` and calls ``on_eval()``
-    after each evaluation (which rewrites metrics.jsonl)."""
-    run = f"{name}-seed{seed}"
-    ckpt_path = os.path.join(args.out, "ckpt", f"{run}.pt")
-    torch.manual_seed(seed)
-    cfg = config_for(args.preset, data.vocab_size)
-    model = GPT(cfg).to(device)
-    opt = make_optimizer(name, model, args)
-    passes = 1 if OPTIMIZERS[name][0] is None else 2
-    accum = getattr(args, "grad_accum", 1)
-    head = getattr(args, "head", "plain")
-    tokens_per_step = args.batch_size * args.seq_len * accum
-    step, elapsed, run_records = 0, 0.0, []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    loss_n = 0
+    ``data``: an object with ``train`` (the training token array) and
+    ``vocab_size``; ``val``: the fixed validation batches, a list of
+    ``(x, y)`` int64 tensors of shape ``(batch_size, seq_len)`` on ``device``;
+    ``autocast``: a zero-argument context-manager factory (the forward
+    passes run under it); ``on_eval(record)``: called after each evaluation,
+    once the checkpoint is written.
 
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        diff = _resume_mismatch(ck["signature"], _resume_signature(args))
+    Construction seeds torch with ``seed`` and builds the model and the
+    optimizer (every optimizer of a seed starts from the same weights).
+    :meth:`resume` continues from the run's checkpoint, :meth:`run` trains
+    to ``args.steps`` (or ``args.stop_after``), evaluating and checkpointing
+    every ``args.eval_every`` steps (:meth:`evaluate`, :meth:`save`).
+
+    State: ``model``, ``optimizer``, ``step`` (optimizer steps done),
+    ``elapsed`` (training wall seconds, evaluation excluded), ``records``
+    (this run's evaluation records, in order) and ``ckpt_path``
+    (``<out>/ckpt/<name>-seed<seed>.pt``).
+    """
+
+    def __init__(self, name: str, seed: int, args, data, val, device,
+                 autocast: Callable[[], Any] = contextlib.nullcontext,
+                 on_eval: Optional[Callable[[dict], None]] = None):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"Trainer: unknown optimizer {name!r}; expected one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        self.name, self.seed, self.args, self.val = name, seed, args, val
+        self.train_tokens = data.train
+        self.device = torch.device(device)
+        self.autocast, self.on_eval = autocast, on_eval
+        self.run_id = f"{name}-seed{seed}"
+        self.ckpt_path = os.path.join(args.out, "ckpt", f"{self.run_id}.pt")
+        torch.manual_seed(seed)
+        self.model_config = config_for(args.preset, data.vocab_size)
+        self.model = GPT(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(name, self.model, args)
+        self.passes_per_step = 1 if OPTIMIZERS[name][0] is None else 2
+        self.grad_accum = getattr(args, "grad_accum", 1)
+        self.head = getattr(args, "head", "plain")
+        self.tokens_per_step = args.batch_size * args.seq_len * self.grad_accum
+        self.step, self.elapsed, self.records = 0, 0.0, []
+        # pass-1 loss since the last evaluation (a device tensor: no sync per step)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._loss_n = 0
+
+    def resume(self) -> bool:
+        """Continue from :attr:`ckpt_path` when it exists (model, optimizer,
+        step, elapsed, records, RNG state); returns whether it did. Raises
+        ValueError naming ``--resume`` and the differing arguments when the
+        checkpoint was written with other arguments (:data:`_RESUME_KEYS`),
+        RuntimeError once this trainer has trained or evaluated."""
+        if self.step or self.records:
+            raise RuntimeError(f"Trainer.resume: {self.run_id} is at step {self.step} with "
+                               f"{len(self.records)} evaluation(s); resume before run()")
+        if not os.path.exists(self.ckpt_path):
+            return False
+        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        diff = _resume_mismatch(ck["signature"], _resume_signature(self.args))
         if diff:
             what = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"--resume: checkpoint {ckpt_path} was written with other arguments ({what}); "
-                             "use the same arguments or another --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, elapsed, run_records = ck["step"], ck["elapsed"], list(ck["records"])
+            raise ValueError(f"--resume: checkpoint {self.ckpt_path} was written with other arguments "
+                             f"({what}); use the same arguments or another --out")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.step, self.elapsed, self.records = ck["step"], ck["elapsed"], list(ck["records"])
         torch.set_rng_state(ck["rng"]["torch"])
-        if ck["rng"].get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    records_out.extend(run_records)
+        if ck["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        return True
 
-    def save():
+    def save(self) -> None:
+        """Write the checkpoint atomically: model and optimizer state_dict,
+        step, elapsed, records, RNG state (torch; CUDA's on a CUDA device),
+        model_config and the resume signature."""
+        dev = self.device
         rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "elapsed": elapsed, "records": run_records, "rng": rng,
-                            "model_config": asdict(cfg), "signature": _resume_signature(args)},
-                           ckpt_path)
+               "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+        atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "step": self.step, "elapsed": self.elapsed, "records": self.records,
+                           "rng": rng, "model_config": asdict(self.model_config),
+                           "signature": _resume_signature(self.args)}, self.ckpt_path)
 
-    def do_eval():
-        nonlocal loss_sum, loss_n
-        train_loss = float(loss_sum.item() / loss_n) if loss_n else None
-        rec = {"optimizer": name, "seed": seed, "step": step, "tokens": step * tokens_per_step,
-               "train_loss": train_loss, "val_loss": evaluate(model, val, autocast, head),
-               "lr": lr_at(max(step - 1, 0), args), "elapsed_s": round(elapsed, 3),
-               "tokens_per_s": round(step * tokens_per_step / elapsed, 1) if elapsed > 0 else None,
-               "passes_per_step": passes}
+    def evaluate(self) -> dict:
+        """Evaluate at the current step: the validation loss (nats/token),
+        the mean pass-1 training loss since the last evaluation (None at step
+        0), lr, timing and, every ``args.diagnose_every`` steps, the
+        ``diag_*`` keys of :func:`fsam_kernels.diagnostics.diagnose_lm`.
+        Appends the record to :attr:`records`, checkpoints (:meth:`save`),
+        calls ``on_eval(record)`` and returns the record."""
+        args, step, tps = self.args, self.step, self.tokens_per_step
+        train_loss = float(self._loss_sum.item() / self._loss_n) if self._loss_n else None
+        rec = {"optimizer": self.name, "seed": self.seed, "step": step, "tokens": step * tps,
+               "train_loss": train_loss,
+               "val_loss": evaluate(self.model, self.val, self.autocast, self.head),
+               "lr": lr_at(max(step - 1, 0), args), "elapsed_s": round(self.elapsed, 3),
+               "tokens_per_s": round(step * tps / self.elapsed, 1) if self.elapsed > 0 else None,
+               "passes_per_step": self.passes_per_step}
         if args.diagnose_every and step % args.diagnose_every == 0:
             from ..diagnostics import diagnose_lm
 
-            rec.update(diagnose_lm(model, opt, *val[0]))
-        run_records.append(rec)
-        records_out.append(rec)
-        loss_sum.zero_()
-        loss_n = 0
-        save()
-        on_eval()
+            rec.update(diagnose_lm(self.model, self.optimizer, *self.val[0]))
+        self.records.append(rec)
+        self._loss_sum.zero_()
+        self._loss_n = 0
+        self.save()
+        if self.on_eval is not None:
+            self.on_eval(rec)
         return rec
 
-    if step == 0 and not run_records:
-        do_eval()
-    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    from tqdm.auto import tqdm
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (:func:`train_step` over the step's
+        ``grad_accum`` micro-batches at the scheduled lr); returns the mean
+        pass-1 loss (0-dim, detached). Only the step itself is timed."""
+        args, step, k = self.args, self.step, self.grad_accum
+        # micro-batch j of step s is batch s*K + j (K = 1: batch s)
+        micro = [train_batch(self.train_tokens, args.batch_size, args.seq_len, self.seed,
+                             step * k + j, self.device) for j in range(k)]
+        lr = lr_at(step, args)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss = train_step(self.model, self.optimizer, micro, self.autocast, self.head)
+        self._loss_sum += loss.double()
+        self._loss_n += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.elapsed += time.perf_counter() - t0
+        self.step += 1
+        return loss
 
-    bar = tqdm(total=args.steps, initial=step, desc=f"{run:>12}", unit="step",
-               disable=args.no_progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    if run_records:
-        bar.set_postfix(val=f"{run_records[-1]['val_loss']:.3f}")
-    model.train()
-    try:
-        while step < end:
-            # micro-batch j of step s is batch s*K + j (K = 1: batch s, as before)
-            micro = [train_batch(data.train, args.batch_size, args.seq_len, seed, step * accum + j,
-                                 device) for j in range(accum)]
-            lr = lr_at(step, args)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            t0 = time.perf_counter()
-            loss = train_step(model, opt, micro, autocast, head)
-            loss_sum += loss.double()
-            loss_n += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed += time.perf_counter() - t0
-            step += 1
-            bar.update(1)
-            if step % 5 == 0 or step == end:
-                bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.3f}",
-                                tok_s=f"{step * tokens_per_step / max(elapsed, 1e-9):,.0f}")
-            if step % args.eval_every == 0 or step == args.steps:
-                rec = do_eval()
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
-                                tok_s=f"{rec['tokens_per_s'] or 0:,.0f}")
-    except KeyboardInterrupt:
-        save()
+    def summary(self) -> dict:
+        """The run's summary: optimizer, seed, steps, tokens, passes_per_step,
+        final and initial validation loss, wall_s, finished."""
+        return {"optimizer": self.name, "seed": self.seed, "steps": self.step,
+                "tokens": self.step * self.tokens_per_step, "passes_per_step": self.passes_per_step,
+                "final_val_loss": self.records[-1]["val_loss"],
+                "initial_val_loss": self.records[0]["val_loss"], "wall_s": self.elapsed,
+                "finished": self.step >= self.args.steps}
+
+    def run(self) -> dict:
+        """Train from the current step to ``args.steps`` (or
+        ``args.stop_after``), evaluating at step 0 (a fresh run), every
+        ``args.eval_every`` steps, at the last step and where ``stop_after``
+        stops between evaluations; returns :meth:`summary`. On
+        KeyboardInterrupt: checkpoints, says how to continue, re-raises."""
+        args = self.args
+        if self.step == 0 and not self.records:
+            self.evaluate()
+        end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, initial=self.step, desc=f"{self.run_id:>12}", unit="step",
+                   disable=args.no_progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        if self.records:
+            bar.set_postfix(val=f"{self.records[-1]['val_loss']:.3f}")
+        self.model.train()
+        try:
+            while self.step < end:
+                self.train_step()
+                step = self.step
+                bar.update(1)
+                if step % 5 == 0 or step == end:
+                    bar.set_postfix(loss=f"{self._loss_sum.item() / self._loss_n:.3f}",
+                                    tok_s=f"{step * self.tokens_per_step / max(self.elapsed, 1e-9):,.0f}")
+                if step % args.eval_every == 0 or step == args.steps:
+                    rec = self.evaluate()
+                    bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
+                                    tok_s=f"{rec['tokens_per_s'] or 0:,.0f}")
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            print(f"\ninterrupted: {self.run_id} checkpointed at step {self.step}; rerun with --resume "
+                  "to continue", file=sys.stderr)
+            raise
+        step = self.step
+        if step % args.eval_every != 0 and step != args.steps and step > 0 and (
+                not self.records or self.records[-1]["step"] != step):
+            self.evaluate()  # stopped early by --stop-after between evaluations
         bar.close()
-        print(f"\ninterrupted: {run} checkpointed at step {step}; rerun with --resume to continue",
-              file=sys.stderr)
-        raise
-    if step % args.eval_every != 0 and step != args.steps and step > 0 and (
-            not run_records or run_records[-1]["step"] != step):
-        do_eval()  # stopped early by --stop-after between evaluations
-    bar.close()
-    final = run_records[-1]
-    return {"optimizer": name, "seed": seed, "steps": step, "tokens": step * tokens_per_step,
-            "passes_per_step": passes, "final_val_loss": final["val_loss"],
-            "initial_val_loss": run_records[0]["val_loss"], "wall_s": elapsed,
-            "finished": step >= args.steps}
+        return self.summary()
+
+
+def train_one(name: str, seed: int, args, data, val, device, autocast, records_out: list,
+              on_eval) -> dict:
+    """Train optimizer ``name`` from seed ``seed`` (a :class:`Trainer`,
+    resumed from its checkpoint when ``args.resume``); returns the run's
+    summary (:meth:`Trainer.summary`).
+
+    Extends ``records_out`` with the run's evaluation records (those of the
+    checkpoint first) and calls ``on_eval()`` after each evaluation (which
+    rewrites metrics.jsonl)."""
+    def hook(rec: dict) -> None:
+        records_out.append(rec)
+        on_eval()
+
+    trainer = Trainer(name, seed, args, data, val, device, autocast, on_eval=hook)
+    if args.resume:
+        trainer.resume()
+    records_out.extend(trainer.records)
+    return trainer.run()
 
 
 # --------------------------------------------------------------------------- report
@@ -649,52 +677,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         names = parse_optimizers(args.optimizers)
-        args.betas = tuple(float(b) for b in args.betas.split(","))
-        if len(args.betas) != 2:
-            raise ValueError
     except ValueError as e:
-        parser.error(str(e) if str(e) else f"--betas must be 'b1,b2', got {args.betas!r}")
-    # the numeric ranges are checked while parsing (the type= of each option)
-    if args.preset not in PRESETS:
-        parser.error(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-    block = PRESETS[args.preset].block_size
-    if args.seq_len > block:
-        parser.error(f"--seq-len {args.seq_len} exceeds the context (block_size={block}) "
-                     f"of --preset {args.preset}")
+        parser.error(str(e))
+    finish_train_args(parser, args)
     if args.warmup is None:
         args.warmup = min(200, max(1, args.steps // 10))
     args.warmup = max(1, args.warmup)
-    if args.data:
-        args.data = [os.path.abspath(p) for p in args.data]
-    # the data options are declared in data.py (add_data_args); their ranges here
-    if args.max_chars is not None and args.max_chars < 1:
-        parser.error(f"--max-chars: expected an integer >= 1 (characters kept per source), "
-                     f"got {args.max_chars}")
-    if args.tokenizer == "bpe" and args.vocab_size < 256:
-        parser.error(f"--vocab-size: expected an integer >= 256 for the byte-level BPE "
-                     f"(256 byte tokens plus merges), got {args.vocab_size}")
     if args.resume and not os.path.isdir(args.out):
         # (train_one's resume=True on a fresh directory starts from scratch: the
         # sweep relies on that; only the command line asks for an existing run)
         parser.error(f"--resume: --out {args.out!r} does not exist (nothing to continue; "
                      "drop --resume to start a new run there)")
 
-    try:
-        device = resolve_device(args.device)
-        check_backend(args.backend, device)  # also when only adamw runs: a bad value is an error
-    except ValueError as e:
-        parser.error(str(e))
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
+    # the backend is checked also when only adamw runs: a bad value is an error
+    device = device_and_backend(parser, args.device, args.backend)
+    threads = set_threads(args.threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    if args.amp and device.type != "cuda":
-        parser.error("--amp needs a CUDA --device")
-    if args.amp:
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
+    autocast = amp_autocast(parser, args.amp, device)
 
     t_start = time.time()
     try:
@@ -724,7 +724,7 @@ def main(argv=None) -> int:
     runs: list[dict] = []
 
     def flush():
-        _write_jsonl(metrics_path, records)
+        atomic_write_jsonl(metrics_path, records)
 
     try:
         for seed in range(args.seed_offset, args.seed_offset + args.seeds):
@@ -742,8 +742,7 @@ def main(argv=None) -> int:
     summary = {"args": {k: v for k, v in vars(args).items()}, "model_config": asdict(cfg),
                "num_params": n_params, "data": data.meta, "runs": runs, "table": table,
                "device": str(device), "threads": threads, "total_wall_s": total_wall}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+    atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     plot(records, names, os.path.join(args.out, "loss_curves.png"),
          f"{data.meta['corpus']}, preset {args.preset}, {args.steps} steps")
     print(format_table(table))
