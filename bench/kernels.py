@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -918,6 +919,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("kernels.py: --device cuda requested but torch.cuda.is_available() is False",
+              file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        # without it the pytest run below only prints a usage error about --benchmark-json
+        print("kernels.py: pytest-benchmark is not installed (it times every case; requirements.txt "
+              "lists it; `make setup` installs it, or: pip install 'pytest-benchmark>=4')",
               file=sys.stderr)
         return 2
     out_dir = os.path.abspath(args.out)
