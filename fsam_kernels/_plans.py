@@ -1,22 +1,35 @@
-"""Cached per-group launch plans for the optimizers' per-step fast path.
+"""Per-group launch plans: the one way the optimizers call their backends.
 
 A plan holds, for one parameter group and one phase of the step, the tuples
-the backend is called with on each device (params, backups, exp_avg,
-exp_avg_sq, step), which group positions' grads go into each call, and one
-``cache`` dict per group and device (backends/base.py: the native backends keep
-their validated tensor tables there). A steady-state step then reads each
-parameter's ``.grad`` and checks the gradients, and builds no per-parameter
-lists, dict lookups or tensor hashes: at 10,000 parameters that is most of
-the optimizer's own time (docs/loops.md, "Per-step overhead").
+the backend is called with for each (device, shard key) (local parameters,
+backups, exp_avg, exp_avg_sq, step), which group positions' grads go into each
+call, and, when cached, one ``cache`` dict per call (backends/base.py: the
+native backends keep their validated tensor tables there). Every step builds
+or reuses one plan per group and phase and then executes it
+(``_SAMBase._first_step_impl`` / ``_second_step_impl``); DTensor shards,
+``base_optimizer`` mode and torch.compile'd phases included.
 
-A plan is reused while
+Data flows one way: the optimizer owns its state and backups, checks the
+parameters and gradients (fsam_kernels/_validation.py) and hands a plan
+builder plain tensors (:class:`Entry`); a plan never calls the optimizer.
+
+Caching is the only difference between eager and the rest: in eager mode
+(no torch.compile, no dispatch mode) plans of plain tensors are kept in a
+:class:`PlanCache` and a steady-state step then reads each parameter's
+``.grad`` and checks the gradients, and builds no per-parameter lists, dict
+lookups or tensor hashes: at 10,000 parameters that is most of the
+optimizer's own time (docs/loops.md, "Per-step overhead"). Plans holding
+DTensors, state made up for one step (``base_optimizer`` mode's
+preconditioner) or built under torch.compile are used once.
+
+A cached plan is reused while
 
 - the group holds the same parameter objects, with the same data pointers,
   shapes and dtypes (``p.data = ...``, ``module.to()`` and ``.half()`` rebuild it,
   with new backups where the shape, dtype or strides changed);
 - the same parameters have a gradient (``grad is None`` pattern);
 - ``optimizer.state`` is the same dict with the same per-parameter dicts
-  (checked once per phase by the optimizer: ``load_state_dict``, ``clear()``,
+  (:meth:`PlanCache.usable`, once per phase: ``load_state_dict``, ``clear()``,
   ``del``, ``state[p] = {}`` drop every plan), and for every planned
   parameter the state entries are the same tensor objects (assignment of a
   new state tensor rebuilds it; in-place changes need nothing; a tensor
@@ -32,29 +45,66 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import attrgetter, getitem, is_, is_not, itemgetter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .distributed import is_dtensor
+from .distributed import local
 
-__all__ = ["FirstPlan", "SecondPlan", "check_grads", "check_group_grads", "grads_of",
-           "grad_mask", "getter"]
+__all__ = ["Entry", "FirstPlan", "SecondPlan", "PlanCache", "grads_of", "grad_mask",
+           "getter", "caching_allowed", "compile_safe", "compile_safe_all", "compile_safe_out"]
 
 _grad_of = attrgetter("grad")
-_layout_of = attrgetter("layout")
 _shape_of = attrgetter("shape")
 _dtype_of = attrgetter("dtype")
 _data_ptr = Tensor.data_ptr
-_STRIDED = {torch.strided}
-_PLAIN_GRAD = {Tensor}
-_Param = torch.nn.Parameter
-_PARAM_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def compile_safe(t: Tensor) -> Tensor:
+    """Under torch.compile, a 0-d float64 CPU tensor as a 1-element 1-d view of
+    itself (same storage); any other tensor unchanged.
+
+    torch 2.13's AOTAutograd drops in-place writes into a 0-d float64 (or
+    integer) CPU tensor that is an input of a compiled graph: such inputs are
+    treated as Python scalars (their ``item()`` becomes a symbol), and after
+    the float-specialisation restart the mutation is lost. Every
+    ``x.add_``/``x.copy_`` of a backend on the N² accumulator (float64, SPEC
+    §1) or on a 0-d float64 parameter, backup or moment then silently did
+    nothing (N² read as 0: a perturbation of 1e11, NaN from the second step).
+    Writes through a 1-d view are kept. Minimal reproduction::
+
+        def f(out): out.add_(1.0)
+        out = torch.zeros((), dtype=torch.float64)
+        torch.compile(f, backend="aot_eager")(out)   # out stays 0
+    """
+    if t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu":
+        return t.view(1)
+    return t
+
+
+def compile_safe_all(ts):
+    """``compile_safe`` of every tensor of a sequence under torch.compile (eager: ``ts``)."""
+    if ts is None or not torch.compiler.is_compiling():
+        return ts
+    return [compile_safe(t) for t in ts]
+
+
+def compile_safe_out(t: Tensor) -> Tensor:
+    """``compile_safe`` of one tensor under torch.compile (eager: ``t``)."""
+    return compile_safe(t) if torch.compiler.is_compiling() else t
+
+
+def caching_allowed() -> bool:
+    """Plans may be cached and reused: eager mode, no dispatch mode active."""
+    return not torch.compiler.is_compiling() and not _dispatch_depth()
 
 
 def grads_of(params) -> list:
-    """``[p.grad for p in params]`` (one C-level pass)."""
+    """``[p.grad for p in params]`` (one C-level pass in eager mode)."""
+    if torch.compiler.is_compiling():
+        return [p.grad for p in params]
     return list(map(_grad_of, params))
 
 
@@ -75,39 +125,78 @@ def getter(idx: List[int], n: int):
     return itemgetter(*idx)
 
 
+class Entry(NamedTuple):
+    """What the optimizer hands a plan builder for one parameter of a group.
+
+    ``i``: position in the group; ``param``: the group's tensor (a DTensor
+    stays one: it is what ``perturbed`` lists); ``local``: the tensor the
+    kernels write (its local shard); ``key``: ``distributed.shard_key`` (None
+    for a whole tensor); ``grad``: whether it has a gradient this phase;
+    ``backup``: its backup (first phase, and perturbed parameters of the
+    second), else None; ``state``: for parameters whose state the kernels
+    use, ``(state dict or None, exp_avg or None, exp_avg_sq, step)`` as local
+    tensors (the dict: what a cached plan compares its tensors against).
+    """
+    i: int
+    param: Tensor
+    local: Tensor
+    key: Any
+    grad: bool
+    backup: Optional[Tensor]
+    state: Optional[Tuple[Optional[dict], Optional[Tensor], Tensor, Tensor]]
+
+
 class _Call:
-    """One backend call of a plan: one device, fixed tensors, its own cache."""
+    """One backend call of a plan: one device and shard key, fixed tensors."""
 
-    __slots__ = ("device", "idx", "get", "ps", "bs", "ms", "vs", "ts", "shapes", "cache")
+    __slots__ = ("device", "key", "idx", "get", "owners", "ps", "bs", "ms", "vs", "ts",
+                 "shapes", "cache")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, key, cached: bool) -> None:
         self.device = device
+        self.key = key
         self.idx: List[int] = []
+        self.owners: Any = []     # the group's tensors (DTensors stay DTensors)
         self.ps: Any = []
         self.bs: Any = []
         self.ms: Any = []
         self.vs: Any = []
         self.ts: Any = []
         self.shapes: List[torch.Size] = []
-        self.cache: dict = {}   # the backend's, for every call of this group and device
+        # the backend's, for every call of this group and device (cached plans only)
+        self.cache: Optional[dict] = {} if cached else None
+
+    def add(self, e: Entry, grad_shape, backup: bool, state: str) -> None:
+        self.idx.append(e.i)
+        self.owners.append(e.param)
+        self.ps.append(e.local)
+        self.shapes.append(grad_shape)
+        if backup:
+            self.bs.append(e.backup)
+        if state == "precond":
+            self.vs.append(e.state[2])
+            self.ts.append(e.state[3])
+        elif state == "adamw":
+            self.ms.append(e.state[1])
+            self.vs.append(e.state[2])
+            self.ts.append(e.state[3])
 
     def freeze(self, n: int) -> "_Call":
-        self.get = getter(self.idx, n)
+        if self.cache is not None:
+            self.get = getter(self.idx, n)
+        else:                       # no operator.itemgetter: torch.compile traces this
+            self.get = lambda seq, idx=tuple(self.idx): tuple([seq[i] for i in idx])
         self.ps, self.bs = tuple(self.ps), tuple(self.bs)
         self.ms, self.vs, self.ts = tuple(self.ms), tuple(self.vs), tuple(self.ts)
         return self
 
 
-def _devices(params) -> Optional[List[torch.device]]:
-    """The parameters' devices in first-seen order; None if one is a DTensor."""
-    devs: List[torch.device] = []
-    for p in params:
-        tp = type(p)
-        if tp is not _Param and tp is not Tensor and is_dtensor(p):
-            return None
-        if p.device not in devs:
-            devs.append(p.device)
-    return devs
+def _call(calls: Dict[Any, _Call], e: Entry, cached: bool) -> _Call:
+    k = (e.local.device, e.key)
+    c = calls.get(k)
+    if c is None:
+        c = calls[k] = _Call(e.local.device, e.key, cached)
+    return c
 
 
 def _state_entries_same(sds, key, tensors) -> bool:
@@ -117,172 +206,165 @@ def _state_entries_same(sds, key, tensors) -> bool:
         return False
 
 
-def check_grads(opt, gi: int, idx, gs, shapes, params, which: str) -> bool:
-    """The grads ``gs`` of group positions ``idx`` (expected shapes ``shapes``):
-    sparse or mis-shaped ones raise ``RuntimeError`` naming the parameter
-    (``opt._check_grad``); a DTensor returns False (the general path's job).
-    True when all are plain dense grads of the right shape."""
-    if (set(map(_layout_of, gs)) <= _STRIDED and list(map(_shape_of, gs)) == shapes
-            and set(map(type, gs)) <= _PLAIN_GRAD):
-        return True
-    for i, g in zip(idx, gs):
-        if type(g) is not Tensor and is_dtensor(g):
+class _Plan:
+    """What both phases' plans share: the group's tensors and their validity."""
+
+    __slots__ = ("params", "ptrs", "shapes", "dtypes", "mask", "cached", "sharded", "devs",
+                 "sds", "ms", "vs", "ts")
+
+    def _init(self, params, mask, cached: bool, entries, sds) -> None:
+        self.params = tuple(params)
+        self.mask = mask
+        self.cached = cached
+        self.sharded = any(e.local is not e.param for e in entries)
+        devs: List[torch.device] = []
+        for p in params:
+            if p.device not in devs:
+                devs.append(p.device)
+        self.devs = devs
+        if cached:                  # (what valid() compares)
+            self.shapes = list(map(_shape_of, params))
+            try:
+                self.ptrs = tuple(map(_data_ptr, params))
+            except RuntimeError:    # tensors without storage (meta, fake): used once
+                self.cached = False
+            self.dtypes = list(map(_dtype_of, params))
+        # state dicts and their tensors in one order, for valid()
+        self.sds = tuple(s[0] for s in sds)
+        self.ms = tuple(s[1] for s in sds)
+        self.vs = tuple(s[2] for s in sds)
+        self.ts = tuple(s[3] for s in sds)
+
+    def _same(self, params, mask, storage: bool) -> bool:
+        """Same parameter objects and grad pattern, shapes (and with ``storage``
+        the same data pointers and dtypes)."""
+        try:
+            return self._same_as(params, mask, storage)
+        except RuntimeError:        # a parameter without storage now: rebuild
             return False
-        opt._check_grad(params[i], gi, i, which)
-    return True
+
+    def _same_as(self, params, mask, storage: bool) -> bool:
+        return (self.cached and mask == self.mask and len(params) == len(self.params)
+                and all(map(is_, params, self.params))
+                and (not storage or (tuple(map(_data_ptr, params)) == self.ptrs
+                                     and list(map(_dtype_of, params)) == self.dtypes))
+                and list(map(_shape_of, params)) == self.shapes)
+
+    def _state_same(self, moments: bool) -> bool:
+        return ((not moments or _state_entries_same(self.sds, "exp_avg", self.ms))
+                and _state_entries_same(self.sds, "exp_avg_sq", self.vs)
+                and _state_entries_same(self.sds, "step", self.ts))
+
+    def grads(self, grads: list) -> list:
+        """The group's grads as the kernels take them (local shards of DTensors)."""
+        return [local(g) for g in grads] if self.sharded else grads
 
 
-def check_group_grads(opt, gi: int, params, grads, which: str) -> bool:
-    """``check_grads`` over every grad of a group (before a plan is built)."""
-    idx = [i for i, g in enumerate(grads) if g is not None]
-    return check_grads(opt, gi, idx, [grads[i] for i in idx], [params[i].shape for i in idx],
-                       params, which)
+class FirstPlan(_Plan):
+    """first_step of one group: per (device, shard key) the sq_norm + perturb call."""
 
-
-class FirstPlan:
-    """first_step of one group: per device, the sq_norm + perturb call."""
-
-    __slots__ = ("params", "ptrs", "shapes", "dtypes", "mask", "pre", "state", "sds", "vs", "ts",
-                 "calls", "devs", "perturbed", "backups")
+    __slots__ = ("pre", "calls", "perturbed", "backups")
 
     @classmethod
-    def build(cls, opt, group, grads, mask) -> Optional["FirstPlan"]:
-        """None when a parameter is a DTensor (the general path runs)."""
-        params = group["params"]
-        pre = bool(group["precondition"])
-        calls: Dict[torch.device, _Call] = {}
-        devs = _devices(params)
-        if devs is None:
-            return None
-        sds = []
-        for i, p in enumerate(params):
-            if grads[i] is None:
-                continue
-            if p.layout is not torch.strided or p.dtype not in _PARAM_DTYPES:
-                gi = next(j for j, g in enumerate(opt.param_groups) if g is group)
-                opt._check_param(p, gi, i)       # raises, naming the parameter
-            d = p.device
-            c = calls.get(d)
-            if c is None:
-                c = calls[d] = _Call(d)
-            c.idx.append(i)
-            c.ps.append(p)
-            c.bs.append(opt._backup_for(p))
-            c.shapes.append(p.shape)
-            if pre:
-                s = opt._init_state(p)
-                sds.append(s)
-                c.vs.append(s["exp_avg_sq"])
-                c.ts.append(s["step"])
+    def build(cls, params, mask, pre: bool, entries: List[Entry], *, cached: bool) -> "FirstPlan":
+        """``entries``: the parameters with a pass-1 grad, in group order, each
+        with its backup and (``pre``) its preconditioner state."""
+        calls: Dict[Any, _Call] = {}
+        for e in entries:
+            _call(calls, e, cached).add(e, e.param.shape, True, "precond" if pre else "")
         self = cls()
-        self.params = tuple(params)
-        self.ptrs = tuple(map(_data_ptr, params))
-        self.shapes = list(map(_shape_of, params))
-        self.dtypes = list(map(_dtype_of, params))
-        self.mask = mask
+        self._init(params, mask, cached, entries, [e.state for e in entries] if pre else [])
         self.pre = pre
-        self.state = opt.state
         self.calls = [c.freeze(len(params)) for c in calls.values()]
-        self.sds = tuple(sds)
-        self.vs = tuple(s["exp_avg_sq"] for s in sds)
-        self.ts = tuple(s["step"] for s in sds)
-        self.devs = devs
-        # the order the general path records: device by device (first-seen order)
-        self.perturbed = [p for c in self.calls for p in c.ps]
+        self.perturbed = [p for c in self.calls for p in c.owners]
         self.backups = [b for c in self.calls for b in c.bs]
         return self
 
-    def valid(self, opt, group, mask) -> bool:
-        params = group["params"]
-        if (mask != self.mask or bool(group["precondition"]) != self.pre
-                or opt.state is not self.state or len(params) != len(self.params)
-                or not all(map(is_, params, self.params))
-                or tuple(map(_data_ptr, params)) != self.ptrs
-                or list(map(_shape_of, params)) != self.shapes
-                or list(map(_dtype_of, params)) != self.dtypes):
-            return False
-        return not self.pre or (_state_entries_same(self.sds, "exp_avg_sq", self.vs)
-                                and _state_entries_same(self.sds, "step", self.ts))
+    def valid(self, params, mask, pre: bool) -> bool:
+        """Whether this cached plan still describes the group (``pre``: its precondition)."""
+        return (pre == self.pre and self._same(params, mask, True)
+                and (not pre or self._state_same(False)))
 
 
-class SecondPlan:
-    """second_step of one group: per device the restore of perturbed parameters
-    without a pass-2 grad, restore+AdamW of perturbed ones with a grad, AdamW of
-    unperturbed ones with a grad (``fresh``), and the grads in parameter order
-    (``clip``: the update gradient's norm, the inf/NaN check)."""
+class SecondPlan(_Plan):
+    """second_step of one group: per (device, shard key) the restore of perturbed
+    parameters without a pass-2 grad (``without``), restore+update of perturbed
+    ones with a grad (``restored``), update of unperturbed ones with a grad
+    (``fresh``), and the grads in parameter order (``clip``: the update
+    gradient's norm, the inf/NaN check)."""
 
-    __slots__ = ("params", "shapes", "mask", "perturbed", "backups", "state", "sds", "ms", "vs",
-                 "ts", "without", "restored", "fresh", "clip", "devs", "matched")
+    __slots__ = ("perturbed", "backups", "without", "restored", "fresh", "clip", "matched")
 
     @classmethod
-    def build(cls, opt, group, grads, mask, perturbed, backups) -> Optional["SecondPlan"]:
-        params = group["params"]
-        if backups is not None:
-            bmap = dict(zip(map(id, perturbed), backups))
-        else:
-            bmap = {id(p): opt._backups[p] for p in (perturbed or ())}
-        without: Dict[torch.device, _Call] = {}
-        restored: Dict[torch.device, _Call] = {}
-        fresh: Dict[torch.device, _Call] = {}
-        clip: Dict[torch.device, _Call] = {}
-        devs = _devices(params)
-        if devs is None:
-            return None
-        sd_of = {}
+    def build(cls, params, mask, entries: List[Entry], perturbed, backups, *,
+              cached: bool) -> "SecondPlan":
+        """``entries``: every parameter of the group, in group order; those with
+        a backup are perturbed; those with a grad carry their AdamW state (or
+        None in ``base_optimizer`` mode). ``perturbed``/``backups``: the first
+        phase's lists this plan was built for (its validity)."""
+        groups = ({}, {}, {}, {})       # without, restored, fresh, clip
+        without, restored, fresh, clip = groups
         matched = 0
-        for i, p in enumerate(params):
-            d = p.device
-            k = id(p)
-            matched += k in bmap
-            if grads[i] is None:
-                if k in bmap:
-                    c = without.get(d) or without.setdefault(d, _Call(d))
-                    c.ps.append(p)
-                    c.bs.append(bmap[k])
+        for e in entries:
+            has_b = e.backup is not None
+            matched += has_b
+            if not e.grad:
+                if has_b:
+                    _call(without, e, cached).add(e, e.param.shape, True, "")
                 continue
-            c = clip.get(d) or clip.setdefault(d, _Call(d))
-            c.idx.append(i)
-            c.shapes.append(p.shape)
-            s = sd_of[i] = opt._init_state(p)
-            target = restored if k in bmap else fresh
-            c = target.get(d) or target.setdefault(d, _Call(d))
-            c.idx.append(i)
-            c.ps.append(p)
-            if k in bmap:
-                c.bs.append(bmap[k])
-            c.ms.append(s["exp_avg"])
-            c.vs.append(s["exp_avg_sq"])
-            c.ts.append(s["step"])
+            _call(clip, e, cached).add(e, e.param.shape, False, "")
+            mode = "adamw" if e.state is not None else ""
+            _call(restored if has_b else fresh, e, cached).add(e, e.param.shape, has_b, mode)
         n = len(params)
         self = cls()
-        self.params = tuple(params)
-        self.shapes = list(map(_shape_of, params))
-        self.mask = mask
+        # state dicts and their tensors in one order (clip order) for valid()
+        state_of = {e.i: e.state for e in entries if e.grad and e.state is not None}
+        self._init(params, mask, cached, entries,
+                   [state_of[i] for c in clip.values() for i in c.idx if i in state_of])
         self.perturbed = perturbed
         self.backups = backups
-        self.state = opt.state
-        self.without = [c.freeze(n) for c in without.values()]
-        self.restored = [c.freeze(n) for c in restored.values()]
-        self.fresh = [c.freeze(n) for c in fresh.values()]
-        self.clip = [c.freeze(n) for c in clip.values()]
-        # state dicts and their tensors in one order (clip order) for valid()
-        order = [i for c in self.clip for i in c.idx]
-        self.sds = tuple(sd_of[i] for i in order)
-        self.ms = tuple(sd_of[i]["exp_avg"] for i in order)
-        self.vs = tuple(sd_of[i]["exp_avg_sq"] for i in order)
-        self.ts = tuple(sd_of[i]["step"] for i in order)
-        self.devs = devs
-        #: how many of ``perturbed`` are in this group (all of them unless the
-        #: groups were reordered or changed between the two phases)
+        self.without, self.restored, self.fresh, self.clip = (
+            [c.freeze(n) for c in g.values()] for g in groups)
+        #: how many of the group's parameters were perturbed (all of the first
+        #: phase's list unless the groups were reordered or changed since)
         self.matched = matched
         return self
 
-    def valid(self, opt, group, mask, perturbed, backups) -> bool:
-        params = group["params"]
-        return (mask == self.mask and perturbed is self.perturbed and backups is self.backups
-                and opt.state is self.state and len(params) == len(self.params)
-                and all(map(is_, params, self.params))
-                and list(map(_shape_of, params)) == self.shapes
-                and _state_entries_same(self.sds, "exp_avg", self.ms)
-                and _state_entries_same(self.sds, "exp_avg_sq", self.vs)
-                and _state_entries_same(self.sds, "step", self.ts))
+    def valid(self, params, mask, perturbed, backups) -> bool:
+        """Whether this cached plan still describes the group after the first
+        phase that perturbed ``perturbed`` (backups ``backups``)."""
+        return (perturbed is self.perturbed and backups is self.backups
+                and self._same(params, mask, False) and self._state_same(True))
+
+
+class PlanCache(dict):
+    """The cached plans of one optimizer: ``{(phase, group index): plan}``,
+    with the ``optimizer.state`` they were made for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshot: Optional[Tuple[Any, tuple]] = None
+
+    def usable(self, state, n_groups: int) -> bool:
+        """Whether plans may be cached this phase (:func:`caching_allowed`);
+        drops them all when ``state`` changed since they were made (replaced,
+        cleared, an entry added, removed or replaced: the plans hold the old
+        per-parameter dicts) and those of removed groups."""
+        if not caching_allowed():
+            return False
+        if self:
+            snap = self.snapshot
+            if (snap is None or snap[0] is not state or len(state) != len(snap[1])
+                    or not all(map(is_, state.values(), snap[1]))):
+                self.clear()
+            else:
+                for key in [k for k in self if k[1] >= n_groups]:
+                    del self[key]
+        return True
+
+    def remember(self, state) -> None:
+        """Remember ``state`` as the plans now in the cache saw it."""
+        self.snapshot = (state, tuple(state.values()))
+
+    def __reduce__(self):                 # copies and pickles start empty
+        return (PlanCache, ())

@@ -31,14 +31,10 @@ kernels run on local shards and N² is summed over the shard group,
 fsam_kernels/distributed.py).
 """
 from __future__ import annotations
+from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
-import math
-import numbers
-import operator
-from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -51,32 +47,24 @@ import torch._dynamo  # noqa: F401
 from torch import Tensor
 
 from .backends import BACKEND_NAMES, Backend, get_backend
-from .distributed import all_reduce_over_shards, is_dtensor, shard_key
+from .cotangent import differentiable_items
+from .distributed import global_sum, is_dtensor, reduce_norm_sq, shard_key
 from .distributed import local as _local
-from ._plans import (FirstPlan, SecondPlan, check_grads, check_group_grads, grad_mask,
-                     grads_of)
-from .functional import differentiable_items, flatten_output
+from ._base_mode import BaseOptimizer, FusedAdamW
+from ._plans import (Entry, FirstPlan, PlanCache, SecondPlan, compile_safe_all, compile_safe_out,
+                     grad_mask, grads_of)
+from ._sam_step import run_closure_step, run_step_hooks, with_step_hooks
 from . import _closure
+from ._state_dict import state_dtype as _state_dtype
+from ._validation import (check_grads, check_group_grads, check_new_group_params,
+                          check_options, check_param, is_plain, validate_sam_keys)
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
 _NORM_EPS = 1e-12
-_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
-#: per-parameter state keys of the AdamW-based optimizers (torch.optim.AdamW names)
-_STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
 _UNSET = object()         # "not given": lets base_optimizer users pass lr/eps/... to the base
 _ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False)
-#: group keys torch's lr schedulers write (torch/optim/lr_scheduler.py)
-_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
-#: group keys torch's optimizers fill in (__setstate__) for checkpoints saved without them
-_TORCH_FILLED_KEYS = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize",
-                                "decoupled_weight_decay"})
-_SCALER_STEP_MSG = (
-    "scaler.step(optimizer) cannot drive a two-pass SAM step (the loss must be scaled "
-    "in both passes and each pass unscaled once); call "
-    "optimizer.step(closure, grad_scaler=scaler) and then scaler.update(), or in a "
-    "hand-written loop first_step(grad_scaler=scaler) / second_step(grad_scaler=scaler)")
 
 
 def _theta_changed() -> None:
@@ -86,40 +74,6 @@ def _theta_changed() -> None:
     old θ. Without this a pass 2 inside the same ``torch.autocast`` block as
     pass 1 would compute at θ (the cast copies), not θ + e."""
     torch.clear_autocast_cache()
-
-
-def _compile_safe(t: Tensor) -> Tensor:
-    """Under torch.compile, a 0-d float64 CPU tensor as a 1-element 1-d view of
-    itself (same storage); any other tensor unchanged.
-
-    torch 2.13's AOTAutograd drops in-place writes into a 0-d float64 (or
-    integer) CPU tensor that is an input of a compiled graph: such inputs are
-    treated as Python scalars (their ``item()`` becomes a symbol), and after
-    the float-specialisation restart the mutation is lost. Every
-    ``x.add_``/``x.copy_`` of a backend on the N² accumulator (float64, SPEC
-    §1) or on a 0-d float64 parameter, backup or moment then silently did
-    nothing (N² read as 0: a perturbation of 1e11, NaN from the second step).
-    Writes through a 1-d view are kept. Minimal reproduction::
-
-        def f(out): out.add_(1.0)
-        out = torch.zeros((), dtype=torch.float64)
-        torch.compile(f, backend="aot_eager")(out)   # out stays 0
-    """
-    if t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu":
-        return t.view(1)
-    return t
-
-
-def _compile_safe_all(ts):
-    """``_compile_safe`` of every tensor of a list under torch.compile (eager: ``ts``)."""
-    if ts is None or not torch.compiler.is_compiling():
-        return ts
-    return [_compile_safe(t) for t in ts]
-
-
-def _compile_safe_out(t: Tensor) -> Tensor:
-    """``_compile_safe`` of one tensor under torch.compile (eager: ``t``)."""
-    return _compile_safe(t) if torch.compiler.is_compiling() else t
 
 
 #: backends whose steps run eagerly inside a torch.compile'd region (one graph
@@ -143,50 +97,6 @@ def _clear_grads(param_groups) -> None:
     for group in param_groups:
         for p in group["params"]:
             p.grad = None
-
-
-def _state_dtype(p: Tensor) -> torch.dtype:
-    """exp_avg / exp_avg_sq dtype: float64 for float64 params, else float32 (SPEC)."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _check_float(name: str, value, *, low: float = 0.0, high: Optional[float] = None,
-                 high_open: bool = True) -> None:
-    if isinstance(value, Tensor):
-        raise TypeError(
-            f"{name}: expected a Python float, got a Tensor; tensor hyperparameters are "
-            "not supported (pass float(value))")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < low or (high is not None and (v >= high if high_open else v > high)):
-        if high is None:
-            raise ValueError(f"{name}: expected a finite value >= {low}, got {value!r}")
-        br = ")" if high_open else "]"
-        raise ValueError(f"{name}: expected a value in [{low}, {high}{br}, got {value!r}")
-
-
-def _validate_sam_keys(group: Dict[str, Any], where: str) -> None:
-    _check_float(f"{where}rho", group["rho"])
-    if not isinstance(group["precondition"], bool):
-        raise TypeError(f"{where}precondition: expected a bool, got {group['precondition']!r}")
-
-
-def _validate_group(group: Dict[str, Any], where: str) -> None:
-    _check_float(f"{where}lr", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
-    _check_float(f"{where}betas[0]", betas[0], low=0.0, high=1.0)
-    _check_float(f"{where}betas[1]", betas[1], low=0.0, high=1.0)
-    _check_float(f"{where}eps", group["eps"])
-    _check_float(f"{where}weight_decay", group["weight_decay"])
-    _check_float(f"{where}rho", group["rho"])
-    for flag in ("precondition", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{where}{flag}: expected a bool, got {group[flag]!r}")
-
-
 class _RNGState:
     """CPU and CUDA generator states, so pass 2 sees pass 1's dropout masks."""
 
@@ -249,7 +159,16 @@ def _scaler_scale(grad_scaler) -> Optional[Tensor]:
     return scale
 
 
+
 class _SAMBase(torch.optim.Optimizer):
+    """What SAM and FunctionalSAM share: the two phases of a step, run from
+    per-group plans (fsam_kernels/_plans.py; built or taken from the cache,
+    then executed: one path for plain tensors, DTensor shards, base-optimizer
+    mode and torch.compile), and the update rule as a strategy (``_mode``,
+    fsam_kernels/_base_mode.py). Checks: _validation.py; state dicts:
+    _state_dict.py; sharded norms and flags: distributed.py; ``step(closure)``:
+    _sam_step.py."""
+
     _functional = False
     # GradScaler must not unscale our grads itself: step() refuses scaler.step(opt)
     # with a message pointing to step(closure, grad_scaler=scaler).
@@ -281,36 +200,27 @@ class _SAMBase(torch.optim.Optimizer):
                                         maximize=maximize).items() if v is not _UNSET}
         if isinstance(given.get("betas"), list):
             given["betas"] = tuple(given["betas"])
-        for name, v in (("same_dropout_masks", same_dropout_masks),
-                        ("bn_clean_pass_only", bn_clean_pass_only)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name}: expected a bool, got {v!r}")
-        if max_grad_norm is not None:
-            _check_float("max_grad_norm", max_grad_norm)
-            max_grad_norm = float(max_grad_norm)
-        if ascent_sync not in ("global", "local"):
-            raise ValueError(f"ascent_sync: expected 'global' or 'local', got {ascent_sync!r}")
-        if ascent_sync == "local" and not hasattr(model, "no_sync"):
-            raise ValueError("ascent_sync='local' needs model= the DistributedDataParallel "
-                             "module (pass 1 runs under model.no_sync())")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        max_grad_norm = check_options(
+            backend=backend, backend_names=BACKEND_NAMES, same_dropout_masks=same_dropout_masks,
+            bn_clean_pass_only=bn_clean_pass_only, max_grad_norm=max_grad_norm,
+            ascent_sync=ascent_sync, model=model)
+        self._mode = FusedAdamW()
         if base_optimizer is None:
             if base_kwargs:
                 raise TypeError(f"{type(self).__name__}: unexpected keyword argument(s) "
                                 f"{sorted(base_kwargs)} (extra keywords go to base_optimizer, "
                                 "and none was given)")
             defaults = dict(_ADAMW_DEFAULTS, **given, rho=rho, precondition=precondition)
-            _validate_group(defaults, "")
         else:
             if not (isinstance(base_optimizer, type)
                     and issubclass(base_optimizer, torch.optim.Optimizer)):
                 raise TypeError("base_optimizer: expected a torch.optim.Optimizer subclass "
                                 f"(e.g. torch.optim.SGD), got {base_optimizer!r}")
-            if isinstance(base_optimizer, type) and issubclass(base_optimizer, _SAMBase):
+            if issubclass(base_optimizer, _SAMBase):
                 raise TypeError("base_optimizer: cannot be SAM/FunctionalSAM itself")
             defaults = dict(rho=rho, precondition=precondition)
-            _validate_sam_keys(defaults, "")
+            self._mode = BaseOptimizer(None)   # groups are checked for SAM keys only
+        self._mode.validate(defaults, "")
         self.backend_name = backend
         self.same_dropout_masks = same_dropout_masks
         self.max_grad_norm = max_grad_norm
@@ -318,14 +228,11 @@ class _SAMBase(torch.optim.Optimizer):
         self.bn_clean_pass_only = bn_clean_pass_only
         self.ascent_sync = ascent_sync
         self.norm_eps = _NORM_EPS
-        self._base_mode = base_optimizer is not None
-        #: the base optimizer instance (``base_optimizer=``), or None for the fused AdamW
-        self.base_optimizer: Optional[torch.optim.Optimizer] = None
         self._backends: Dict[torch.device, Backend] = {}
         self._backups: Dict[Tensor, Tensor] = {}
         self._step_vars: Dict[str, Any] = {}
-        #: cached per-group launch plans of the fast path (_plans.py)
-        self._plans: Dict[Tuple[str, int], Any] = {}
+        #: cached per-group launch plans (_plans.py)
+        self._plans = PlanCache()
         self._perturbed = None
         self._found_inf: Dict[torch.device, Tensor] = {}
         self.last_step_skipped = None
@@ -337,64 +244,50 @@ class _SAMBase(torch.optim.Optimizer):
             base = base_optimizer(self.param_groups, **given, **base_kwargs)
             # one list of group dicts, holding the SAM keys (rho, precondition) and
             # the base's; lr schedulers on either object drive the base
-            self.base_optimizer = base
+            self._mode = BaseOptimizer(base)
             self.param_groups = base.param_groups
             self.state = base.state
             self.defaults = dict(base.defaults, **defaults)
             for gi, g in enumerate(self.param_groups):
-                self._check_precondition_base(g, f"param_groups[{gi}].")
+                self._mode.check_precondition(g, f"param_groups[{gi}].")
+
+    @property
+    def base_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The base optimizer instance (``base_optimizer=``), or None for the fused AdamW."""
+        return self._mode.base
+
+    @property
+    def _base_mode(self) -> bool:
+        return isinstance(self._mode, BaseOptimizer)
 
     # Values a step writes are kept in one dict behind properties: inside
     # torch.compile'd first_step/second_step, dynamo drops attribute stores on
     # an Optimizer object but keeps dict stores (checked with torch 2.13).
+    def _var(name: str, default=None, doc: Optional[str] = None):
+        def fset(self, value) -> None:
+            self._step_vars[name] = value
+        return property(lambda self: self._step_vars.get(name, default), fset, doc=doc)
+
+    last_step_skipped = _var("last_step_skipped", doc=(
+        "True when the last step was skipped (non-finite values; SPEC §4). A 0-d bool "
+        "tensor on the device (reading it syncs), or None before any step."))
+    #: torch's lr schedulers read this flag (set by their wrapper of ``step``, and
+    #: by ``second_step``): kept in ``_step_vars`` so a compiled ``second_step`` sets it
+    _opt_called = _var("opt_called", False)
+    _last_norm_sq = _var("last_norm_sq")
+    del _var
+
     @property
     def _perturbed(self) -> Optional[List[List[Tensor]]]:
+        """The parameters perturbed by the pending ``first_step`` (a list per group)."""
         return self._step_vars.get("perturbed")
 
     @_perturbed.setter
     def _perturbed(self, value) -> None:
         self._step_vars["perturbed"] = value
-        # the backups of the fast path's perturbed list (first_step sets it after)
-        self._step_vars["perturbed_backups"] = None
+        self._step_vars["perturbed_backups"] = None   # set by first_step after it
 
-    @property
-    def last_step_skipped(self) -> Optional[Tensor]:
-        """True when the last step was skipped (non-finite values; SPEC §4).
-        A 0-d bool tensor on the device (reading it syncs), or None before any step."""
-        return self._step_vars.get("last_step_skipped")
-
-    @last_step_skipped.setter
-    def last_step_skipped(self, value) -> None:
-        self._step_vars["last_step_skipped"] = value
-
-    @property
-    def _opt_called(self) -> bool:
-        """torch's lr schedulers read this flag (set by their wrapper of
-        ``step``, and by ``second_step``): kept in ``_step_vars`` so that a
-        compiled ``second_step`` sets it too."""
-        return self._step_vars.get("opt_called", False)
-
-    @_opt_called.setter
-    def _opt_called(self, value) -> None:
-        self._step_vars["opt_called"] = value
-
-    @property
-    def _last_norm_sq(self):
-        return self._step_vars.get("last_norm_sq")
-
-    @_last_norm_sq.setter
-    def _last_norm_sq(self, value) -> None:
-        self._step_vars["last_norm_sq"] = value
-
-    def _check_precondition_base(self, group, where: str) -> None:
-        if group["precondition"] and not isinstance(
-                self.base_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ValueError(
-                f"{where}precondition: the preconditioned ascent divides by Adam's second "
-                f"moment (exp_avg_sq), which {type(self.base_optimizer).__name__} does not "
-                "keep; use precondition=False or an Adam/AdamW base")
-
-    # -- groups ---------------------------------------------------------------
+    # -- groups, backends, state ------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group (torch semantics); validates it and rejects duplicates.
 
@@ -409,55 +302,26 @@ class _SAMBase(torch.optim.Optimizer):
         else:
             param_group = dict(param_group, params=list(param_group["params"]))
         idx = len(self.param_groups)
-        seen = set()
-        existing = {id(p) for g in self.param_groups for p in g["params"]}
-        for i, p in enumerate(param_group["params"]):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"params: group {idx} item {i} is a {type(p).__name__}, expected a Tensor")
-            if id(p) in seen or id(p) in existing:
-                raise ValueError(
-                    f"params: group {idx} item {i} (shape {tuple(p.shape)}) appears more than "
-                    "once in the optimizer's parameters; each parameter may be given only once")
-            seen.add(id(p))
-            if p.device.type == "meta":
-                raise ValueError(
-                    f"params: group {idx} item {i} (shape {tuple(p.shape)}) is on the 'meta' "
-                    "device (no data: the ascent cannot back it up or perturb it); "
-                    "materialize the model first (e.g. module.to_empty(device=...) and "
-                    "initialize or load its weights)")
-            if p.layout != torch.strided:
-                raise TypeError(f"params: group {idx} item {i} has layout {p.layout}; "
-                                "only dense (strided) parameters are supported")
-            if not p.is_floating_point():
-                if p.is_complex():
-                    raise TypeError(
-                        f"params: group {idx} item {i} is complex ({p.dtype}); complex "
-                        "parameters are not supported: pass torch.view_as_real views instead")
-                raise TypeError(f"params: group {idx} item {i} has dtype {p.dtype}, "
-                                "expected a floating-point tensor")
+        check_new_group_params(param_group["params"], idx,
+                               (id(p) for g in self.param_groups for p in g["params"]))
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        where = f"param_groups[{idx}]."
-        if self._base_mode:
-            _validate_sam_keys(param_group, where)
-            if self.base_optimizer is not None:  # after __init__: the base owns the list
-                self._check_precondition_base(param_group, where)
-                self.base_optimizer.add_param_group(param_group)
+        if self._mode.base is None:      # fused AdamW, or base mode inside __init__
+            add = super().add_param_group
+            if self._base_mode:
+                validate_sam_keys(param_group, f"param_groups[{idx}].")
+                add(param_group)
             else:
-                super().add_param_group(param_group)
-        else:
-            if isinstance(param_group["betas"], list):
-                param_group["betas"] = tuple(param_group["betas"])
-            _validate_group(param_group, where)
-            super().add_param_group(param_group)
+                self._mode.add_param_group(self, param_group, f"param_groups[{idx}].", add)
+        else:                            # after __init__: the base owns the list
+            self._mode.add_param_group(self, param_group, f"param_groups[{idx}].", None)
         for p in param_group["params"]:
             self._backend(p.device)
 
     def _backend(self, device: torch.device) -> Backend:
         b = self._backends.get(device)
         if b is None:
-            b = get_backend(self.backend_name, device)
-            self._backends[device] = b
+            b = self._backends[device] = get_backend(self.backend_name, device)
         return b
 
     def _phase(self, fn):
@@ -473,21 +337,20 @@ class _SAMBase(torch.optim.Optimizer):
         """Backend chosen per device, e.g. ``{"cpu": "cpu"}``."""
         return {str(d): b.name for d, b in self._backends.items()}
 
-    # -- state ----------------------------------------------------------------
+    def _devices(self):
+        return {p.device for g in self.param_groups for p in g["params"]}
+
     def _init_state(self, p: Tensor) -> Dict[str, Tensor]:
+        """``p``'s AdamW state: created at t = 0 (zeros, the parameter's layout;
+        DTensors for a DTensor parameter, as torch's optimizers keep it), or the
+        existing one following its parameter (``_match_state``)."""
         state = self.state[p]
         if len(state) == 0:
             sd = _state_dtype(p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            if is_dtensor(p):
-                # DTensor state with the parameter's mesh and placements (as torch's
-                # optimizers keep it, so distributed checkpointing sees it sharded);
-                # the kernels get its local shard
-                state["exp_avg"] = torch.zeros_like(p, dtype=sd)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd)
-            else:
-                state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+            fmt = {} if is_dtensor(p) else {"memory_format": torch.preserve_format}
+            state["exp_avg"] = torch.zeros_like(p, dtype=sd, **fmt)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, **fmt)
         elif not is_dtensor(p):
             self._match_state(p, state)
         return state
@@ -520,85 +383,36 @@ class _SAMBase(torch.optim.Optimizer):
         lp = _local(p)
         b = self._backups.get(p)
         if b is None or b.shape != lp.shape or b.dtype != lp.dtype or b.stride() != lp.stride():
-            b = torch.empty_like(lp, memory_format=torch.preserve_format)
-            self._backups[p] = b
+            b = self._backups[p] = torch.empty_like(lp, memory_format=torch.preserve_format)
         return b
 
+    def _prune_backups(self) -> None:
+        """Drop the backups of tensors that are no longer parameters of any group
+        (removed groups, replaced parameters), so the optimizer keeps neither them
+        nor their backups alive. Only called with no step pending."""
+        self._step_vars["n_groups"] = len(self.param_groups)
+        if self._backups:
+            live = {id(p) for g in self.param_groups for p in g["params"]}
+            for k in [k for k in self._backups if id(k) not in live]:
+                del self._backups[k]
+
+    # -- found_inf flags, scales, norms ----------------------------------------
     def _flag(self, device: torch.device) -> Tensor:
         f = self._found_inf.get(device)
         if f is None:
-            f = torch.zeros((), dtype=torch.float32, device=device)
-            self._found_inf[device] = f
+            f = self._found_inf[device] = torch.zeros((), dtype=torch.float32, device=device)
         return f
 
-    @staticmethod
-    def _check_param(p: Tensor, gi: int, i: int) -> None:
-        """A parameter the ascent will write: dense (strided) floating point,
-        as ``add_param_group`` checks (a tensor put into ``param_groups``
-        directly, or changed since, is checked again before anything moves)."""
-        if p.layout != torch.strided:
-            raise TypeError(f"param_groups[{gi}] param {i}: has layout {p.layout}; only dense "
-                            "(strided) parameters are supported")
-        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"param_groups[{gi}] param {i}: has dtype {p.dtype}, expected "
-                            "float16, bfloat16, float32 or float64")
-
-    def _perturb_done(self, backend: Backend, ps, bs) -> None:
-        """Record a perturb call of the running first_step (undone if a later one raises)."""
-        done = self._step_vars.get("perturb_calls")
-        if done is not None:
-            done.append((backend, ps, bs))
-
-    def _run_step_hooks(self, pre: bool) -> None:
-        """The step pre- or post-hooks (global and this optimizer's, torch order),
-        called as for ``step()`` without arguments: ``hook(self, (self,), {})``.
-        A pre-hook may return None or an (args, kwargs) pair (ignored here)."""
-        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
-        if pre:
-            hooks = (list(_global_optimizer_pre_hooks.values())
-                     + list(self._optimizer_step_pre_hooks.values()))
-        else:
-            hooks = (list(self._optimizer_step_post_hooks.values())
-                     + list(_global_optimizer_post_hooks.values()))
-        for hook in hooks:
-            result = hook(self, (self,), {})
-            if pre and result is not None and not (isinstance(result, tuple) and len(result) == 2):
-                raise RuntimeError(f"step pre-hook {hook!r} must return None or a tuple of "
-                                   f"(new_args, new_kwargs), but got {result!r}")
-
-    @staticmethod
-    def _check_grad(p: Tensor, gi: int, i: int, which: str) -> None:
-        g = p.grad
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(
-                f"param_groups[{gi}] param {i}: {which} gradient is sparse ({g.layout}); "
-                "SAM/FunctionalSAM support dense gradients only")
-        if g.shape != p.shape:
-            raise RuntimeError(f"param_groups[{gi}] param {i}: {which} gradient has shape "
-                               f"{tuple(g.shape)}, parameter has {tuple(p.shape)}")
-
-    def _by_device(self, items):
-        out = defaultdict(list)
-        for it in items:
-            out[it[0].device].append(it)
-        return out
-
-    def _precond_state(self, p: Tensor) -> Dict[str, Tensor]:
-        """exp_avg_sq and step for the preconditioned ascent (the base's in base mode)."""
-        if not self._base_mode:
-            st = self._init_state(p)
-            return {"exp_avg_sq": _local(st["exp_avg_sq"]), "step": st["step"]}
-        st = self.state.get(p, {})
-        if "exp_avg_sq" in st:
-            step = _local(st["step"])
-            if not isinstance(step, Tensor):
-                step = torch.tensor(float(step))
-            return {"exp_avg_sq": _local(st["exp_avg_sq"]),
-                    "step": step.to(device=p.device, dtype=torch.float32).reshape(())}
-        # the base has not stepped yet: identity preconditioner (t = 0)
-        return {"exp_avg_sq": torch.zeros_like(_local(p), dtype=_state_dtype(p)),
-                "step": torch.zeros((), dtype=torch.float32, device=p.device)}
+    def _set_flags(self, devs, found_inf: Optional[Tensor], merge: bool) -> None:
+        """The found_inf flag of every device in ``devs``: ``found_inf`` (or 0),
+        or with ``merge`` the maximum of the flag and ``found_inf``."""
+        for d in devs:
+            f = self._flag(d)
+            if found_inf is not None:
+                v = found_inf.to(d, torch.float32).reshape(())
+                f.copy_(torch.maximum(f, v) if merge else v)
+            elif not merge:
+                f.zero_()
 
     def _resolve_scale(self, grad_scale, grad_scaler, where: str) -> Optional[Tensor]:
         if grad_scaler is None:
@@ -607,7 +421,72 @@ class _SAMBase(torch.optim.Optimizer):
             raise ValueError(f"{where}: pass grad_scale or grad_scaler, not both")
         return _scaler_scale(grad_scaler)
 
-    # -- the two phases -------------------------------------------------------
+    @staticmethod
+    def _scale_on(grad_scale: Optional[Tensor], device) -> Optional[Tensor]:
+        if grad_scale is None:
+            return None
+        if not isinstance(grad_scale, Tensor) or grad_scale.numel() != 1:
+            raise TypeError("grad_scale: expected a 1-element float32 tensor")
+        return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
+
+    def _sq_norm(self, out: Dict, sharded: Dict, d, key, gs, vs, ts, *, pre: bool,
+                 beta2: float, eps: float, grad_scale, cache) -> None:
+        """One sq_norm call into the N² accumulator of ``(d, key)``: ``out[d]``
+        for whole tensors, ``sharded[key][d]`` (all-reduced later) for shards."""
+        per = out if key is None else sharded.setdefault(key, {})
+        acc = per.get(d)
+        if acc is None:
+            acc = per[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
+        self._backend(d).sq_norm(compile_safe_all(gs), vs, ts, beta2=beta2, eps=eps,
+                                 precondition=pre, grad_scale=self._scale_on(grad_scale, d),
+                                 out=compile_safe_out(acc), cache=cache)
+
+    @staticmethod
+    def _clip_grads(staged) -> Dict[Tuple[torch.device, Any], List[Tensor]]:
+        """The update gradients of every group, per (device, shard key), in group
+        and parameter order (the clip norm, the inf/NaN check)."""
+        clip: Dict[Tuple[torch.device, Any], List[Tensor]] = {}
+        for _, plan, grads in staged:
+            for c in plan.clip:
+                clip.setdefault((c.device, c.key), []).extend(c.get(grads))
+        return clip
+
+    def _clip_coefs(self, clip, grad_scale) -> Dict[torch.device, Tensor]:
+        """Per device min(1, max_grad_norm / (‖ĝ‖ + 1e-6)), ‖ĝ‖ over all groups,
+        devices and shards; a non-finite norm sets the flags. No host sync."""
+        n2: Dict[torch.device, Tensor] = {}
+        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
+        for (d, key), gs in clip.items():
+            self._sq_norm(n2, sharded, d, key, gs, None, None, pre=False, beta2=0.0, eps=0.0,
+                          grad_scale=grad_scale, cache=None)
+        reduce_norm_sq(n2, sharded)
+        global_sum(n2)
+        coefs = {}
+        for d, n in n2.items():
+            f = self._flag(d)
+            f.copy_(torch.maximum(f, (~torch.isfinite(n)).to(f.dtype)))
+            coefs[d] = (self.max_grad_norm / (n.to(torch.float32).sqrt() + _CLIP_EPS)).clamp(max=1.0)
+        return coefs
+
+    def _mark_non_finite(self, clip, inv_scale: Optional[Dict] = None) -> None:
+        """found_inf |= any grad of ``clip`` not finite; multiplies the grads by
+        ``inv_scale[d]`` (1 when None: a check without changing a value), with
+        no host sync."""
+        by: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+        for (d, _), gs in clip.items():
+            for g in gs:
+                by.setdefault((d, g.dtype), []).append(g)
+        for (d, _), gs in by.items():
+            inv = (inv_scale or {}).get(d)
+            if inv is None:
+                inv = torch.ones((), dtype=torch.float32, device=d)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, self._flag(d), inv)
+
+    @staticmethod
+    def _compile_safe_grads(gs, plan):
+        return gs if plan.cached else compile_safe_all(gs)
+
+    # -- the two phases: plans built (or reused), then executed ------------------
     @torch.no_grad()
     def first_step(self, grad_scale: Optional[Tensor] = None,
                    found_inf: Optional[Tensor] = None, *, grad_scaler=None,
@@ -651,14 +530,13 @@ class _SAMBase(torch.optim.Optimizer):
             raise RuntimeError("first_step: called twice without second_step(); "
                                "the parameters are already perturbed")
         if not self._step_vars.get("in_step"):
-            self._run_step_hooks(pre=True)
+            run_step_hooks(self, pre=True)
         self._validate_groups("first_step")
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "first_step")
         done: List[Tuple[Backend, Any, Any]] = []   # perturb calls made: (backend, ps, bs)
         self._step_vars["perturb_calls"] = done
         try:
-            if not self._first_step_fast(grad_scale, found_inf):
-                self._phase(self._first_step_general)(grad_scale, found_inf)
+            self._phase(self._first_step_impl)(grad_scale, found_inf)
         except BaseException:
             for be, ps, bs in done:       # θ bitwise back, as before the call
                 be.restore(ps, bs)
@@ -667,7 +545,7 @@ class _SAMBase(torch.optim.Optimizer):
         finally:
             self._step_vars["perturb_calls"] = None
             _theta_changed()
-        # records of pass 1 belong to this step (fsam_kernels.functional.step_generation)
+        # records of pass 1 belong to this step (fsam_kernels.cotangent.step_generation)
         self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
         if zero_grad and not torch.compiler.is_compiling():
             _clear_grads(self.param_groups)
@@ -676,310 +554,83 @@ class _SAMBase(torch.optim.Optimizer):
         """Every group's hyperparameters checked as at construction (a few
         Python checks per group, none per parameter)."""
         for gi, group in enumerate(self.param_groups):
-            w = f"{where}: param_groups[{gi}]."
-            if self._base_mode:
-                _validate_sam_keys(group, w)
-            else:
-                _validate_group(group, w)
+            self._mode.validate(group, f"{where}: param_groups[{gi}].")
 
-    def _prune_backups(self) -> None:
-        """Drop the backups of tensors that are no longer parameters of any group
-        (removed groups, replaced parameters), so the optimizer keeps neither them
-        nor their backups alive. Only called with no step pending."""
-        self._step_vars["n_groups"] = len(self.param_groups)
-        if not self._backups:
-            return
-        live = {id(p) for g in self.param_groups for p in g["params"]}
-        for k in [k for k in self._backups if id(k) not in live]:
-            del self._backups[k]
-
-    def _first_step_general(self, grad_scale, found_inf) -> None:
-        """first_step for any parameters (DTensor / FSDP2 shards included)."""
-        self._prune_backups()
-        groups_items = []
-        devices = set()
+    def _first_plans(self) -> list:
+        """``[(group, plan, grads as the kernels take them, per-call grads)]``
+        for first_step, every parameter and grad checked before anything moves."""
+        cache = self._plans
+        caching = cache.usable(self.state, len(self.param_groups))
+        staged, built = [], False
         for gi, group in enumerate(self.param_groups):
-            items = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                self._check_param(p, gi, i)
-                self._check_grad(p, gi, i, "pass-1")
-                state = self._precond_state(p) if group["precondition"] else None
-                items.append((p, _local(p.grad), state))
-                devices.add(p.device)
-            groups_items.append(items)
-        for d in self._devices() | devices:
-            f = self._flag(d)
-            if found_inf is not None:
-                f.copy_(found_inf.to(d, torch.float32).reshape(()))
-            else:
-                f.zero_()
-        norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d) for d in devices}
-        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}   # shard key -> partial N²
-        for group, items in zip(self.param_groups, groups_items):
-            beta2 = group["betas"][1] if group["precondition"] else 0.0
-            eps = group["eps"] if group["precondition"] else 0.0
-            for (d, key), its in self._by_device_shard(items).items():
-                pre = group["precondition"]
-                out = norm_sq[d] if key is None else self._partial(sharded, key, d)
-                self._backend(d).sq_norm(
-                    _compile_safe_all([g for _, g, _ in its]),
-                    _compile_safe_all([s["exp_avg_sq"] for _, _, s in its]) if pre else None,
-                    [s["step"] for _, _, s in its] if pre else None,
-                    beta2=beta2, eps=eps, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), out=_compile_safe_out(out))
-        self._reduce_norm_sq(norm_sq, sharded)
-        self._global_sum(norm_sq)
-        perturbed = []
-        for group, items in zip(self.param_groups, groups_items):
-            plist = []
-            pre = group["precondition"]
-            for d, its in self._by_device(items).items():
-                ps = [p for p, _, _ in its]
-                be = self._backend(d)
-                lps = _compile_safe_all([_local(p) for p in ps])
-                bs = _compile_safe_all([self._backup_for(p) for p in ps])
-                be.perturb(
-                    lps, _compile_safe_all([g for _, g, _ in its]), bs,
-                    _compile_safe_all([s["exp_avg_sq"] for _, _, s in its]) if pre else None,
-                    [s["step"] for _, _, s in its] if pre else None,
-                    rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
-                    beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
-                    precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d))
-                self._perturb_done(be, lps, bs)
-                plist.extend(ps)
-            perturbed.append(plist)
-        self._perturbed = perturbed
-        self._last_norm_sq = norm_sq
-
-    def _plans_usable(self) -> bool:
-        """Whether the cached plans may run this phase (eager, no dispatch mode);
-        drops them all when ``optimizer.state`` changed since they were made
-        (replaced, cleared, an entry added, removed or replaced: the plans
-        hold the old per-parameter dicts) and those of removed groups."""
-        if torch.compiler.is_compiling() or _dispatch_depth():
-            return False
-        plans = self._plans
-        if plans:
-            snap = self._step_vars.get("state_snapshot")
-            st = self.state
-            if (snap is None or snap[0] is not st or len(st) != len(snap[1])
-                    or not all(map(operator.is_, st.values(), snap[1]))):
-                plans.clear()
-            else:
-                n = len(self.param_groups)
-                for key in [k for k in plans if k[1] >= n]:
-                    del plans[key]
-        return True
-
-    def _snapshot_state(self) -> None:
-        """Remember ``optimizer.state`` as the plans saw it (``_plans_usable``)."""
-        self._step_vars["state_snapshot"] = (self.state, tuple(self.state.values()))
-
-    def _first_step_fast(self, grad_scale, found_inf) -> bool:
-        """first_step without DTensors, in eager mode: the same backend calls as
-        ``_first_step_general`` (same tensors, same order) from cached per-group
-        plans (fsam_kernels/_plans.py). Returns False, having changed nothing
-        (but fresh zero state of preconditioned parameters, as the general path
-        does), when a DTensor is present, under torch.compile, or in
-        ``base_optimizer`` mode."""
-        if self._base_mode or not self._plans_usable():
-            return False
-        plans = self._plans
-        staged = []
-        built = False
-        try:
-            for gi, group in enumerate(self.param_groups):
-                grads = grads_of(group["params"])
-                mask = grad_mask(grads)
-                plan = plans.get(("first", gi))
-                if plan is None or not plan.valid(self, group, mask):
-                    plan = FirstPlan.build(self, group, grads, mask)
-                    if plan is None:
-                        return False
-                    plans[("first", gi)] = plan
-                    built = True
-                staged.append((gi, group, plan, [c.get(grads) for c in plan.calls]))
-        except RuntimeError:  # tensors without storage (meta, fake): the general path says
-            return False
-        if built:                 # a new plan may have created state
-            self._snapshot_state()
+            params, pre = group["params"], group["precondition"]
+            grads = grads_of(params)
+            mask = grad_mask(grads) if caching else None
+            plan = cache.get(("first", gi)) if caching else None
+            if plan is None or not plan.valid(params, mask, pre):
+                entries = []
+                for i, p in enumerate(params):
+                    if grads[i] is not None:
+                        check_param(p, gi, i)
+                        entries.append(Entry(
+                            i, p, compile_safe_out(_local(p)), shard_key(p), True,
+                            compile_safe_out(self._backup_for(p)),
+                            self._mode.precond_state(self, p) if pre else None))
+                plan = FirstPlan.build(params, mask, pre, entries, cached=caching and all(
+                    map(is_plain, params)) and (not pre or self._mode.precond_cacheable))
+                if plan.cached:
+                    cache[("first", gi)] = plan
+                built = True
+            staged.append((gi, group, plan, grads))
+        if built and caching:             # a new plan may have created state
+            cache.remember(self.state)
         if built or len(self.param_groups) != self._step_vars.get("n_groups"):
             self._prune_backups()
-        for gi, group, plan, gss in staged:   # every grad checked before any change
-            for c, gs in zip(plan.calls, gss):
-                if not check_grads(self, gi, c.idx, gs, c.shapes, group["params"], "pass-1"):
-                    return False
-        devs = {d for *_, plan, _ in staged for d in plan.devs}
-        grad_devs = {c.device for *_, plan, _ in staged for c in plan.calls}
-        for d in devs | grad_devs:
-            f = self._flag(d)
-            if found_inf is not None:
-                f.copy_(found_inf.to(d, torch.float32).reshape(()))
-            else:
-                f.zero_()
-        norm_sq = {d: torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-                   for d in grad_devs}
-        for gi, group, plan, gss in staged:
+        out = []
+        for gi, group, plan, grads in staged:     # every grad checked before any change
+            for c in plan.calls:
+                check_grads(gi, c.idx, c.get(grads), c.shapes, group["params"], "pass-1")
+            grads = plan.grads(grads)
+            out.append((group, plan, grads, [c.get(grads) for c in plan.calls]))
+        return out
+
+    def _first_step_impl(self, grad_scale, found_inf) -> None:
+        """first_step's work: N² over all groups (SPEC §1), then the perturbation."""
+        staged = self._first_plans()
+        self._set_flags({d for _, plan, _, _ in staged for d in plan.devs}, found_inf, False)
+        norm_sq: Dict[torch.device, Tensor] = {}
+        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
+        for group, plan, _, gss in staged:
             pre = plan.pre
-            beta2 = group["betas"][1] if pre else 0.0
-            eps = group["eps"] if pre else 0.0
             for c, gs in zip(plan.calls, gss):
-                self._backend(c.device).sq_norm(
-                    gs, c.vs if pre else None, c.ts if pre else None,
-                    beta2=beta2, eps=eps, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, c.device), out=norm_sq[c.device],
-                    cache=c.cache)
-        self._global_sum(norm_sq)
-        for gi, group, plan, gss in staged:
+                self._sq_norm(norm_sq, sharded, c.device, c.key, gs, c.vs if pre else None,
+                              c.ts if pre else None, pre=pre,
+                              beta2=group["betas"][1] if pre else 0.0,
+                              eps=group["eps"] if pre else 0.0, grad_scale=grad_scale,
+                              cache=c.cache)
+        reduce_norm_sq(norm_sq, sharded)
+        global_sum(norm_sq)
+        done = self._step_vars.get("perturb_calls")
+        for group, plan, _, gss in staged:
             pre = plan.pre
             for c, gs in zip(plan.calls, gss):
                 d = c.device
                 be = self._backend(d)
                 be.perturb(
-                    c.ps, gs, c.bs, c.vs if pre else None, c.ts if pre else None,
-                    rho=group["rho"], norm_sq=norm_sq[d], norm_eps=self.norm_eps,
-                    beta2=group["betas"][1] if pre else 0.0, eps=group["eps"] if pre else 0.0,
-                    precondition=pre, grad_scale=self._scale_on(grad_scale, d),
-                    found_inf=self._flag(d), cache=c.cache)
-                self._perturb_done(be, c.ps, c.bs)
-        perturbed = [plan.perturbed for *_, plan, _ in staged]
+                    c.ps, self._compile_safe_grads(gs, plan), c.bs, c.vs if pre else None,
+                    c.ts if pre else None, rho=group["rho"], norm_sq=norm_sq[d],
+                    norm_eps=self.norm_eps, beta2=group["betas"][1] if pre else 0.0,
+                    eps=group["eps"] if pre else 0.0, precondition=pre,
+                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d),
+                    cache=c.cache)
+                if done is not None:      # undone if a later call raises
+                    done.append((be, c.ps, c.bs))
+        perturbed = [plan.perturbed for _, plan, _, _ in staged]
         self._perturbed = perturbed
         # the backups of ``perturbed`` in the same order, for second_step
-        self._step_vars["perturbed_backups"] = (perturbed, [plan.backups for *_, plan, _ in staged])
+        self._step_vars["perturbed_backups"] = (perturbed,
+                                                [plan.backups for _, plan, _, _ in staged])
         self._last_norm_sq = norm_sq
-        return True
-
-    @staticmethod
-    def _global_sum(per_device: Dict[torch.device, Tensor]) -> None:
-        """Parameters on several devices: every entry becomes the sum (in place)."""
-        if len(per_device) > 1:
-            total = sum(n.to(torch.float64).cpu() for n in per_device.values())
-            for d in per_device:
-                per_device[d].copy_(total.to(d))
-
-    def _share_flags(self) -> None:
-        """A skip on one device skips the step on every device (atomic)."""
-        if len(self._found_inf) > 1:
-            anyf = torch.stack([f.cpu() for f in self._found_inf.values()]).amax()
-            for d, f in self._found_inf.items():
-                f.copy_(anyf.to(d))
-
-    def _by_device_shard(self, items):
-        """Group by (device, shard key): sharded parameters get their own N² partials."""
-        out = defaultdict(list)
-        for it in items:
-            out[(it[0].device, shard_key(it[0]))].append(it)
-        return out
-
-    def _partial(self, sharded, key, d: torch.device) -> Tensor:
-        per = sharded.setdefault(key, {})
-        if d not in per:
-            per[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-        return per[d]
-
-    def _reduce_norm_sq(self, norm_sq: Dict[torch.device, Tensor],
-                        sharded: Optional[Dict[Any, Dict[torch.device, Tensor]]] = None) -> None:
-        """Sharded parameters (DTensor, FSDP2): each rank's partial N² over its local
-        shards is all-reduced (SUM) over the shard group and added to ``norm_sq``.
-        One all_reduce per shard key (per mesh dim): one per step for FSDP2; none
-        without sharded parameters. Same order on every rank (group order)."""
-        for key, per in (sharded or {}).items():
-            devs = list(per)
-            t = per[devs[0]]
-            for d in devs[1:]:                   # a mesh has one device per rank
-                t.add_(per[d].to(t.device, t.dtype))
-            all_reduce_over_shards(t, key)
-            d0 = devs[0]
-            if d0 in norm_sq:
-                norm_sq[d0].add_(t.to(norm_sq[d0].dtype))
-            else:
-                norm_sq[d0] = t
-
-    def _share_flags_over_shards(self, params) -> None:
-        """With sharded parameters, a non-finite local grad must skip the step on
-        every rank: found_inf is all-reduced (MAX) over the shard group."""
-        self._share_flags()
-        seen = []
-        for p in params:
-            key = shard_key(p)
-            if key is not None and key not in seen:
-                seen.append(key)
-                all_reduce_over_shards(self._flag(p.device), key,
-                                       op=torch.distributed.ReduceOp.MAX)
-        if seen:
-            self._share_flags()
-
-    @staticmethod
-    def _scale_on(grad_scale: Optional[Tensor], device) -> Optional[Tensor]:
-        if grad_scale is None:
-            return None
-        if not isinstance(grad_scale, Tensor) or grad_scale.numel() != 1:
-            raise TypeError("grad_scale: expected a 1-element float32 tensor")
-        return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
-
-    def _pass2_params(self) -> List[Tensor]:
-        """Parameters with a pass-2 grad, every grad checked (sparse, shape)
-        before anything is changed, so a bad grad leaves the step pending and
-        θ + e, state and flags untouched (``restore()`` then undoes it)."""
-        out = []
-        for gi, g in enumerate(self.param_groups):
-            for i, p in enumerate(g["params"]):
-                if p.grad is not None:
-                    self._check_grad(p, gi, i, "pass-2")
-                    out.append(p)
-        return out
-
-    def _mark_non_finite(self, params: List[Tensor], inv_scale: Optional[Dict] = None) -> None:
-        """found_inf |= any grad not finite; multiplies the grads by ``inv_scale[d]``
-        (1 when None: a check without changing a value), with no host sync."""
-        by = defaultdict(list)
-        for p in params:
-            g = _local(p.grad)
-            by[g.device].append(g)
-        self._mark_non_finite_grads(by, inv_scale)
-
-    def _mark_non_finite_grads(self, grads_by_device: Dict[torch.device, List[Tensor]],
-                               inv_scale: Optional[Dict] = None) -> None:
-        """``_mark_non_finite`` for grads already grouped by device."""
-        by = defaultdict(list)
-        for d, gs in grads_by_device.items():
-            for g in gs:
-                by[(d, g.dtype)].append(g)
-        for (d, _), gs in by.items():
-            inv = (inv_scale or {}).get(d)
-            if inv is None:
-                inv = torch.ones((), dtype=torch.float32, device=d)
-            torch._amp_foreach_non_finite_check_and_unscale_(gs, self._flag(d), inv)
-
-    def _grad_sq_norm(self, params: List[Tensor], grad_scale: Optional[Tensor]):
-        """Σ (g/s)² of the update gradient over all groups and devices (and shards)."""
-        n2 = {}
-        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
-        for (d, key), ps in self._by_device_shard([(p,) for p in params]).items():
-            if key is None:
-                if d not in n2:
-                    n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-                out = n2[d]
-            else:
-                out = self._partial(sharded, key, d)
-            self._backend(d).sq_norm(_compile_safe_all([_local(p.grad) for (p,) in ps]), None,
-                                     None, beta2=0.0, eps=0.0, precondition=False,
-                                     grad_scale=self._scale_on(grad_scale, d),
-                                     out=_compile_safe_out(out))
-        self._reduce_norm_sq(n2, sharded)
-        self._global_sum(n2)
-        return n2
-
-    def _clip_coef(self, n2: Tensor) -> Tensor:
-        """min(1, max_grad_norm / (‖ĝ‖ + 1e-6)) on the device; marks a non-finite norm."""
-        d = n2.device
-        f = self._flag(d)
-        f.copy_(torch.maximum(f, (~torch.isfinite(n2)).to(f.dtype)))
-        n = n2.to(torch.float32).sqrt()
-        return (self.max_grad_norm / (n + _CLIP_EPS)).clamp(max=1.0)
 
     @torch.no_grad()
     def second_step(self, grad_scale: Optional[Tensor] = None,
@@ -1015,13 +666,11 @@ class _SAMBase(torch.optim.Optimizer):
             raise RuntimeError("second_step: called without first_step(); nothing is perturbed")
         self._validate_groups("second_step")
         if self._step_vars.get("recorders") or self._step_vars.get("output_marks"):
-            from .functional import check_unreplayed
+            from .cotangent import check_unreplayed
             check_unreplayed(self)  # records of pass 1 not replayed: raise, nothing changed
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
-        perturbed = self._perturbed
         try:
-            if self._base_mode or not self._second_step_fast(perturbed, grad_scale, found_inf):
-                self._phase(self._second_step_general)(perturbed, grad_scale, found_inf)
+            self._phase(self._second_step_impl)(self._perturbed, grad_scale, found_inf)
         finally:
             _theta_changed()
         self._perturbed = None
@@ -1034,167 +683,82 @@ class _SAMBase(torch.optim.Optimizer):
         # (torch/optim/lr_scheduler.py, patch_track_step_called)
         self._opt_called = True
         if not self._step_vars.get("in_step"):
-            self._run_step_hooks(pre=False)
+            run_step_hooks(self, pre=False)
 
-    def _second_step_general(self, perturbed, grad_scale, found_inf) -> None:
-        """second_step for any parameters (DTensors, base optimizer)."""
-        params2 = self._pass2_params()
-        for d in self._devices():
-            f = self._flag(d)
-            if found_inf is not None:
-                f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
-        if self._base_mode:
-            self._second_step_base(perturbed, params2, grad_scale)
-        else:
-            if grad_scale is not None and self.max_grad_norm is None:
-                self._mark_non_finite(params2)          # pass-2 inf/NaN check (the clip
-                self._share_flags_over_shards(params2)  # norm below checks it otherwise)
-            self._share_flags()
-            scales = {d: self._scale_on(grad_scale, d) for d in self._devices()}
-            if self.max_grad_norm is not None:
-                for d, n2 in self._grad_sq_norm(params2, grad_scale).items():
-                    coef = self._clip_coef(n2)           # g/s' = (g/s)·coef
-                    scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
-                self._share_flags()
-            self._second_step_adamw(perturbed, scales)
+    def _second_plan(self, gi, group, grads, mask, bmap, pg, bg, cacheable) -> SecondPlan:
+        params = group["params"]
+        entries = []
+        for i, p in enumerate(params):
+            b = bmap.get(id(p))
+            if grads[i] is not None or b is not None:
+                entries.append(Entry(
+                    i, p, compile_safe_out(_local(p)), shard_key(p), grads[i] is not None, b,
+                    self._mode.update_state(self, p) if grads[i] is not None else None))
+        return SecondPlan.build(params, mask, entries, pg, bg, cached=cacheable and all(
+            map(is_plain, params)))
 
-    def _second_step_fast(self, perturbed, grad_scale, found_inf) -> bool:
-        """``_second_step_general`` for the fused AdamW without DTensors, in eager
-        mode: the same backend calls (same tensors, same order) from cached
-        per-group plans, every grad checked before anything is changed.
-        Returns False, having changed nothing, when a DTensor is present or
-        under torch.compile."""
-        if not self._plans_usable():
-            return False
+    def _second_plans(self, perturbed) -> Tuple[list, list]:
+        """``([(group, plan, grads)], perturbed parameters in no group now)`` for
+        second_step, every grad checked before anything changes. Groups
+        reordered, replaced, added or removed since first_step: every perturbed
+        parameter found by identity wherever it is now (plans used once)."""
+        cache = self._plans
+        caching = cache.usable(self.state, len(self.param_groups))
         pb = self._step_vars.get("perturbed_backups")
         pbk = pb[1] if pb is not None and pb[0] is perturbed else None
-        plans = self._plans
         staged = []
-        built = False
-        try:
-            for gi, group in enumerate(self.param_groups):
-                grads = grads_of(group["params"])
-                mask = grad_mask(grads)
-                pg = perturbed[gi] if gi < len(perturbed) else []
-                bg = pbk[gi] if pbk is not None and gi < len(pbk) else None
-                plan = plans.get(("second", gi))
-                if plan is not None and not plan.valid(self, group, mask, pg, bg):
-                    plan = None
-                staged.append([gi, group, plan, grads, pg, bg])
-        except RuntimeError:
-            return False
-        # every grad checked before anything changes (a new plan creates state)
-        clip_gs: Dict[torch.device, List[Tensor]] = {}     # all groups, parameter order
-        for gi, group, plan, grads, _, _ in staged:
+        for gi, group in enumerate(self.param_groups):
+            grads = grads_of(group["params"])
+            mask = grad_mask(grads) if caching else None
+            pg = perturbed[gi] if gi < len(perturbed) else []
+            bg = pbk[gi] if pbk is not None and gi < len(pbk) else None
+            plan = cache.get(("second", gi)) if caching else None
+            if plan is not None and not plan.valid(group["params"], mask, pg, bg):
+                plan = None
+            staged.append([gi, group, plan, grads, mask, pg, bg])
+        for gi, group, plan, grads, *_ in staged:    # before a new plan creates state
             if plan is None:
-                if not check_group_grads(self, gi, group["params"], grads, "pass-2"):
-                    return False
+                check_group_grads(gi, group["params"], grads, "pass-2")
             else:
                 for c in plan.clip:
-                    if not check_grads(self, gi, c.idx, c.get(grads), c.shapes, group["params"],
-                                       "pass-2"):
-                        return False
+                    check_grads(gi, c.idx, c.get(grads), c.shapes, group["params"], "pass-2")
+
+        def backups_of(pg, bg):
+            return (dict(zip(map(id, pg), bg)) if bg is not None
+                    else {id(p): self._backups[p] for p in pg})
+
+        built, aligned = False, not any(perturbed[len(staged):])
         for st in staged:
-            gi, group, plan, grads, pg, bg = st
-            if plan is None:
-                plan = st[2] = SecondPlan.build(self, group, grads, grad_mask(grads), pg, bg)
-                if plan is None:
-                    return False
-                plans[("second", gi)] = plan
+            if st[2] is None:
+                gi, group, _, grads, mask, pg, bg = st
+                st[2] = self._second_plan(gi, group, grads, mask, backups_of(pg, bg), pg, bg,
+                                          caching)
                 built = True
-            for c in plan.clip:
-                clip_gs.setdefault(c.device, []).extend(c.get(grads))
-        if built:
-            self._snapshot_state()
-        if (any(st[2].matched != len(st[4]) for st in staged)
-                or any(perturbed[len(staged):])):
-            return False    # groups reordered/changed since first_step: the general path
-        staged = [st[:4] for st in staged]
-        all_devs = {d for *_, plan, _ in staged for d in plan.devs}
-        for d in all_devs:
-            f = self._flag(d)
-            if found_inf is not None:
-                f.copy_(torch.maximum(f, found_inf.to(d, torch.float32).reshape(())))
-        if grad_scale is not None and self.max_grad_norm is None:
-            self._mark_non_finite_grads(clip_gs)   # pass-2 inf/NaN check (the clip
-            self._share_flags()                    # norm below checks it otherwise)
-        self._share_flags()
-        scales = {d: self._scale_on(grad_scale, d) for d in all_devs}
-        if self.max_grad_norm is not None:
-            n2 = {}
-            for d, gs in clip_gs.items():
-                n2[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-                self._backend(d).sq_norm(gs, None, None, beta2=0.0, eps=0.0,
-                                         precondition=False,
-                                         grad_scale=self._scale_on(grad_scale, d), out=n2[d])
-            self._global_sum(n2)
-            for d, n in n2.items():
-                coef = self._clip_coef(n)                # g/s' = (g/s)·coef
-                scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
-            self._share_flags()
-        for gi, group, plan, grads in staged:
-            for c in plan.without:
-                self._backend(c.device).restore(c.ps, c.bs, cache=c.cache)
-            beta1, beta2 = group["betas"]
-            for calls, has_backup in ((plan.restored, True), (plan.fresh, False)):
-                for c in calls:
-                    d = c.device
-                    self._backend(d).restore_adamw(
-                        c.ps, c.get(grads), c.bs if has_backup else None, c.ms, c.vs, c.ts,
-                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=scales[d], found_inf=self._flag(d), cache=c.cache)
-        return True
+            aligned = aligned and st[2].matched == len(st[5])
+        leftover = []
+        if not aligned:        # groups changed since first_step: one map of all backups
+            bmap = {}
+            for gi, plist in enumerate(perturbed):
+                bmap.update(backups_of(plist, pbk[gi] if pbk is not None else None))
+            for st in staged:
+                gi, group, _, grads, mask, pg, bg = st
+                st[2] = self._second_plan(gi, group, grads, mask, bmap, pg, bg, False)
+            seen = {id(p) for g in self.param_groups for p in g["params"]}
+            leftover = [p for plist in perturbed for p in plist if id(p) not in seen]
+        for gi, _, plan, *_ in staged:
+            if plan.cached:
+                cache[("second", gi)] = plan
+        if built and caching:
+            cache.remember(self.state)
+        return [(st[1], st[2], st[2].grads(st[3])) for st in staged], leftover
 
-    def _second_step_adamw(self, perturbed, scales) -> None:
-        # perturbed parameters by identity, wherever they are now (groups may have
-        # been reordered, replaced or removed since first_step)
-        pset = {id(p) for plist in perturbed for p in plist}
-        seen = set()
-        for gi, group in enumerate(self.param_groups):
-            with_grad, without = [], []
-            for i, p in enumerate(group["params"]):
-                seen.add(id(p))
-                if p.grad is not None:
-                    with_grad.append(p)
-                elif id(p) in pset:
-                    without.append(p)
-            self._restore_perturbed([without])
-            restored = [p for p in with_grad if id(p) in pset]
-            fresh = [p for p in with_grad if id(p) not in pset]
-            beta1, beta2 = group["betas"]
-            for plist, has_backup in ((restored, True), (fresh, False)):
-                for d, ps in self._by_device([(p,) for p in plist]).items():
-                    ps = [p for (p,) in ps]
-                    states = [self._init_state(p) for p in ps]
-                    cs = _compile_safe_all
-                    self._backend(d).restore_adamw(
-                        cs([_local(p) for p in ps]), cs([_local(p.grad) for p in ps]),
-                        cs([self._backups[p] for p in ps]) if has_backup else None,
-                        cs([_local(s["exp_avg"]) for s in states]),
-                        cs([_local(s["exp_avg_sq"]) for s in states]),
-                        [s["step"] for s in states],
-                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=scales[d], found_inf=self._flag(d))
-        self._restore_perturbed(perturbed, skip=seen)   # removed from the groups since
-
-    def _second_step_base(self, perturbed, params2, grad_scale) -> None:
-        """Restore θ, unscale (and clip) ĝ in place, then the base optimizer's own
-        step, skipped when a flag is set: the one host read of this path."""
-        self._restore_perturbed(perturbed)
-        inv = None
-        if grad_scale is not None:
-            inv = {d: self._scale_on(grad_scale, d).reciprocal() for d in self._devices()}
-        self._mark_non_finite(params2, inv)   # unscale once + pass-2 inf/NaN check
-        if self.max_grad_norm is not None:
-            for d, n2 in self._grad_sq_norm(params2, None).items():
-                coef = self._clip_coef(n2)
-                torch._foreach_mul_([_local(p.grad) for p in params2 if p.grad.device == d],
-                                    coef)
-        self._share_flags_over_shards(params2)
-        if not any(bool(f.item()) for f in self._found_inf.values()):
-            self.base_optimizer.step()
+    def _second_step_impl(self, perturbed, grad_scale, found_inf) -> None:
+        """second_step's work: the plans, the flags, the update rule (``_mode``)."""
+        staged, leftover = self._second_plans(perturbed)
+        devs = {d for _, plan, _ in staged for d in plan.devs}
+        self._set_flags(devs, found_inf, True)
+        self._mode.second_step(self, staged, devs, grad_scale)
+        self._restore_perturbed([leftover])       # removed from the groups since
 
     def _record_in_scaler(self, scaler) -> None:
         """Record this step's inf/NaN outcome in the scaler, as torch's fused
@@ -1211,8 +775,7 @@ class _SAMBase(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo a pending ``first_step()``: θ + e → θ (bitwise), no update
-        (and no step hooks: the step did not happen)."""
+        """Running statistics of every training BatchNorm in a module, restorable exactly."""
         if self._perturbed is None:
             return
         try:
@@ -1221,16 +784,15 @@ class _SAMBase(torch.optim.Optimizer):
             _theta_changed()
         self._perturbed = None
 
-    def _restore_perturbed(self, perturbed, skip=None) -> None:
-        """p ← backup for every parameter in ``perturbed`` (lists per group), except
-        those whose id is in ``skip``."""
+    def _restore_perturbed(self, perturbed) -> None:
+        """p ← backup for every parameter in ``perturbed`` (lists per group)."""
         for plist in perturbed:
-            if skip:
-                plist = [p for p in plist if id(p) not in skip]
-            for d, ps in self._by_device([(p,) for p in plist]).items():
-                ps = [p for (p,) in ps]
-                self._backend(d).restore(_compile_safe_all([_local(p) for p in ps]),
-                                         _compile_safe_all([self._backups[p] for p in ps]))
+            by: Dict[torch.device, List[Tensor]] = {}
+            for p in plist:
+                by.setdefault(p.device, []).append(p)
+            for d, ps in by.items():
+                self._backend(d).restore(compile_safe_all([_local(p) for p in ps]),
+                                         compile_safe_all([self._backups[p] for p in ps]))
 
     def clean_param(self, p: Tensor) -> Tensor:
         """The value of parameter ``p`` at θ: its bitwise backup while a
@@ -1245,30 +807,6 @@ class _SAMBase(torch.optim.Optimizer):
         return p
 
     # -- closure API ----------------------------------------------------------
-    def _devices(self):
-        return {p.device for g in self.param_groups for p in g["params"]}
-
-    @staticmethod
-    def _unpack(result, which: str):
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise TypeError(
-                f"closure: expected it to return (output, loss) in {which}, got "
-                f"{type(result).__name__}; the forward-only closure returns the model output "
-                "and the scalar loss (no backward), a back-propagating closure calls "
-                "zero_grad() and loss.backward() itself and returns the loss")
-        output, loss = result
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(f"closure: the loss returned in {which} must be a 1-element "
-                            f"tensor, got {type(loss).__name__}"
-                            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
-        if not loss.requires_grad:
-            raise ValueError(f"closure: the loss returned in {which} does not depend on any "
-                             "parameter (it does not require grad)")
-        # the model output must depend on the parameters (Functional-SAM
-        # back-propagates it; SAM checks it too so the convention is one)
-        differentiable_items(output, argname="closure output")
-        return output, loss
-
     def mark_output(self, output: Tensor) -> Tensor:
         """Mark the model output for Functional-SAM in a closure that runs backward
         itself (torch.optim convention, Lightning's automatic optimization), or in
@@ -1293,6 +831,7 @@ class _SAMBase(torch.optim.Optimizer):
         """
         return _closure.mark_output(self, output)
 
+    @with_step_hooks
     def step(self, closure: Optional[Callable[[], Any]] = None, *,
              grad_scaler=None) -> Optional[Tensor]:
         """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
@@ -1349,99 +888,7 @@ class _SAMBase(torch.optim.Optimizer):
         that already ran backward (the message names the fix). If pass 2
         raises, θ is restored before re-raising.
         """
-        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
-            raise RuntimeError(_SCALER_STEP_MSG)  # GradScaler.step's attribute contract
-        if closure is None and grad_scaler is not None:
-            raise RuntimeError(_SCALER_STEP_MSG)  # scaler.step(opt) without a closure
-        if closure is not None and not callable(closure):
-            raise TypeError(f"closure: expected a callable returning (output, loss) or a "
-                            f"back-propagating callable returning the loss, got "
-                            f"{type(closure).__name__}")
-        if self._perturbed is not None:
-            return _closure.complete_pending(self, closure)
-        if closure is None:
-            raise TypeError(
-                f"closure: {type(self).__name__}.step needs a closure returning (output, loss) "
-                "(or one that runs backward itself and returns the loss); in a hand-written "
-                "loop call first_step() after pass 1, and second_step() (or step() with no "
-                "closure) after pass 2; with the Hugging Face Trainer use "
-                "fsam_kernels.integrations.hf.SAMTrainer")
-        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-        scaled = (lambda l: scaler.scale(l)) if scaler is not None else (lambda l: l)
-        rng = _RNGState(self._devices()) if self.same_dropout_masks else None
-        sync = (self.model.no_sync() if self.ascent_sync == "local"
-                else contextlib.nullcontext())
-        snap = _closure.GradSnapshot(self.param_groups)
-        _closure.clear_marks(self)      # the marks of this step's closure calls only
-        with torch.enable_grad(), sync:
-            result = closure()
-            if isinstance(result, (tuple, list)):
-                # forward-only form: (output, loss)
-                back_prop = False
-                output, loss = self._unpack(result, "pass 1")
-                if snap.changed():
-                    raise RuntimeError(_closure.BACKWARD_IN_PAIR_CLOSURE_MSG.format(which="pass-1"))
-                self.zero_grad(set_to_none=True)
-                try:
-                    cot = self._pass1_backward(output, scaled(loss))
-                except RuntimeError as exc:
-                    hinted = _closure.second_backward_hint(exc, "pass-1")
-                    if hinted is not None:
-                        raise hinted from None
-                    raise
-            else:
-                back_prop = True
-                loss = _closure.check_back_prop(result, snap, scaler, "pass 1")
-                if loss is _closure.SKIPPED:
-                    return None
-                if self._functional:
-                    if not _closure.marks_count(self):
-                        raise ValueError(_closure.FSAM_NEEDS_MARK_MSG)
-                    if not _closure.marks_received(self):
-                        raise ValueError(
-                            "closure: the output marked with mark_output() in pass 1 received "
-                            "no gradient; compute the loss from the marked output")
-        self.first_step(grad_scaler=scaler)
-        bn = (bn_stats_frozen(self.model) if self.bn_clean_pass_only
-              else contextlib.nullcontext())
-        try:
-            if rng is not None:
-                rng.restore()
-            with torch.enable_grad(), bn:
-                if back_prop:
-                    self.zero_grad(set_to_none=True)
-                    snap2 = _closure.GradSnapshot(self.param_groups)
-                    loss2 = _closure.check_back_prop(closure(), snap2, None, "pass 2")
-                    if loss2 is _closure.SKIPPED:
-                        _closure.warn_pass2_skipped()
-                        self.restore()
-                        self.last_step_skipped = torch.tensor(True)
-                        return loss
-                    if self._functional and _closure.marks_count(self):
-                        raise RuntimeError(
-                            f"mark_output: {_closure.marks_count(self)} output(s) marked in "
-                            "pass 1 were not marked again in pass 2; mark the same outputs "
-                            "in both passes")
-                else:
-                    snap2 = _closure.GradSnapshot(self.param_groups)
-                    output2, loss2 = self._unpack(closure(), "pass 2")
-                    if snap2.changed():
-                        raise RuntimeError(
-                            _closure.BACKWARD_IN_PAIR_CLOSURE_MSG.format(which="pass-2"))
-                    self.zero_grad(set_to_none=True)
-                    try:
-                        self._pass2_backward(output2, scaled(loss2), cot)
-                    except RuntimeError as exc:
-                        hinted = _closure.second_backward_hint(exc, "pass-2")
-                        if hinted is not None:
-                            raise hinted from None
-                        raise
-        except BaseException:
-            _closure.clear_marks(self)
-            self.restore()
-            raise
-        self.second_step(grad_scaler=scaler)
-        return loss.detach() if isinstance(loss, Tensor) else loss
+        return run_closure_step(self, closure, grad_scaler)
 
     def _pass1_backward(self, output, loss):
         loss.backward()
@@ -1450,59 +897,21 @@ class _SAMBase(torch.optim.Optimizer):
     def _pass2_backward(self, output, loss, cot):
         loss.backward()
 
-    # -- copy / pickle ---------------------------------------------------------
+    # -- copy / pickle / state_dict ----------------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
         """Everything but the cached plans (rebuilt on the next step): torch's
         ``Optimizer.__getstate__`` keeps only defaults, state and groups, which
         would leave a ``copy.deepcopy`` of this optimizer without its settings."""
         d = dict(self.__dict__)
-        d["_plans"] = {}
-        d["_step_vars"] = {k: v for k, v in self._step_vars.items() if k != "state_snapshot"}
+        d["_plans"] = PlanCache()
         return d
 
-    # -- state_dict -----------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """torch format. With ``base_optimizer`` it is the base's state_dict (its
         state, and groups that also hold rho and precondition). The hooks of
         ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook``
         run as in torch (with ``base_optimizer`` the base's own hooks too)."""
-        if not self._base_mode:
-            return super().state_dict()
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state_dict = self.base_optimizer.state_dict()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    @staticmethod
-    def _load_state_tensor(val: Tensor, p: Tensor, key, k) -> Tensor:
-        """A saved exp_avg/exp_avg_sq as this optimizer keeps it: a copy on the
-        parameter's device, float32 (float64 for float64 params); a DTensor with
-        the parameter's mesh and placements for a DTensor parameter."""
-        sd = _state_dtype(p)
-        if not is_dtensor(p):
-            if is_dtensor(val):
-                val = val.full_tensor()
-            return val.detach().to(device=p.device, dtype=sd, copy=True)
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        if is_dtensor(val):
-            if val.device_mesh != p.device_mesh or tuple(val.placements) != tuple(p.placements):
-                val = val.redistribute(p.device_mesh, p.placements)
-            loc = _local(val)
-            if loc.shape != _local(p).shape:
-                raise ValueError(f"state_dict: state {key!r} of parameter {k} has local shape "
-                                 f"{tuple(loc.shape)}, the parameter's shard has "
-                                 f"{tuple(_local(p).shape)} (saved with another sharding)")
-            loc = loc.detach().to(device=p.device, dtype=sd, copy=True)
-            return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False,
-                                      shape=p.shape, stride=p.stride())
-        # a full (unsharded) tensor: every rank keeps its own shard of it
-        full = val.detach().to(device=p.device, dtype=sd)
-        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        return self._mode.state_dict(self, super().state_dict)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load optimizer state (torch format: ``state`` and ``param_groups``).
@@ -1526,156 +935,14 @@ class _SAMBase(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._load_state_dict(state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _check_saved_group_keys(self, saved_groups) -> None:
-        """``ValueError`` for saved groups that lack this optimizer's
-        hyperparameters or carry another optimizer's (e.g. a torch.optim.SGD
-        state dict loaded into the fused-AdamW SAM), naming the keys. Keys an lr
-        scheduler adds (``initial_lr``, ...) and keys the current group carries
-        are not foreign; in ``base_optimizer`` mode the keys torch fills in
-        for older checkpoints (``foreach``, ``fused``, ...) may be missing."""
-        if not isinstance(saved_groups, (list, tuple)):
-            raise ValueError(f"state_dict: 'param_groups' must be a list of dicts, got "
-                             f"{type(saved_groups).__name__}")
-        for gi, sg in enumerate(saved_groups):
-            if not isinstance(sg, dict) or "params" not in sg:
-                raise ValueError(f"state_dict: param_groups[{gi}] must be a dict with 'params'")
-            keys = set(sg)
-            missing = set(self.defaults) - keys
-            if self._base_mode:
-                missing -= _TORCH_FILLED_KEYS
-            current = self.param_groups[gi] if gi < len(self.param_groups) else {}
-            foreign = keys - set(self.defaults) - set(current) - _SCHEDULER_KEYS - {"params"}
-            if missing or foreign:
-                what = (f"{type(self.base_optimizer).__name__}-based " if self._base_mode
-                        else "fused-AdamW ")
-                raise ValueError(
-                    f"state_dict: param_groups[{gi}] " + (f"lacks {sorted(missing)}" if missing else "")
-                    + (" and " if missing and foreign else "")
-                    + (f"carries foreign keys {sorted(foreign)}" if foreign else "")
-                    + f"; it was not saved by this {what}{type(self).__name__} (expected the "
-                    f"keys {sorted(self.defaults)}); construct the optimizer that saved it "
-                    "(base_optimizer= for another torch optimizer's state)")
-
-    def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """``load_state_dict`` after its pre-hooks."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
-        self._check_saved_group_keys(state_dict["param_groups"])
+        self._mode.check_saved_groups(self, state_dict["param_groups"])
         self.restore()          # a pending first_step is abandoned: θ bitwise back first
-        if self._base_mode:
-            self.base_optimizer.load_state_dict(state_dict)
-            self.param_groups = self.base_optimizer.param_groups
-            self.state = self.base_optimizer.state
-            for gi, g in enumerate(self.param_groups):
-                g.setdefault("rho", self.defaults["rho"])
-                g.setdefault("precondition", self.defaults["precondition"])
-                _validate_sam_keys(g, f"state_dict param_groups[{gi}].")
-                self._check_precondition_base(g, f"state_dict param_groups[{gi}].")
-            self._perturbed = None
-            return
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict: has {len(saved_groups)} parameter groups, "
-                             f"the optimizer has {len(self.param_groups)}")
-        id_map = {}
-        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(sg["params"]) > len(g["params"]):
-                raise ValueError(f"state_dict: group {gi} has {len(sg['params'])} parameters, "
-                                 f"the optimizer's has {len(g['params'])}")
-            for old, p in zip(sg["params"], g["params"]):
-                id_map[old] = p
-        new_state = defaultdict(dict)
-        for k, st in state_dict["state"].items():
-            if k not in id_map:
-                continue
-            p = id_map[k]
-            if not isinstance(st, dict) or set(st) != _STATE_KEYS:
-                got = sorted(st) if isinstance(st, dict) else type(st).__name__
-                raise ValueError(
-                    f"state_dict: state of parameter {k} has keys {got}, expected "
-                    f"{sorted(_STATE_KEYS)} (an AdamW-based SAM state; for another base "
-                    "optimizer's state construct the optimizer with base_optimizer=)")
-            ns = {}
-            for key, val in st.items():
-                if key != "step" and not (isinstance(val, Tensor) and val.is_floating_point()):
-                    raise ValueError(
-                        f"state_dict: state {key!r} of parameter {k} must be a real floating-point "
-                        f"tensor, got {val.dtype if isinstance(val, Tensor) else type(val).__name__}")
-                if key == "step":
-                    ns[key] = (val.detach().clone() if isinstance(val, Tensor) else torch.tensor(float(val))
-                               ).to(device=p.device, dtype=torch.float32).reshape(())
-                elif isinstance(val, Tensor):
-                    if val.shape != p.shape:
-                        raise ValueError(f"state_dict: state {key!r} of parameter {k} has shape "
-                                         f"{tuple(val.shape)}, the parameter has {tuple(p.shape)}")
-                    ns[key] = self._load_state_tensor(val, p, key, k)
-                else:
-                    ns[key] = val
-            new_state[p] = ns
-        groups = []
-        for sg, g in zip(saved_groups, self.param_groups):
-            ng = {k: v for k, v in sg.items() if k != "params"}
-            ng["params"] = g["params"]
-            for k, v in self.defaults.items():
-                ng.setdefault(k, v)
-            if isinstance(ng.get("betas"), list):
-                ng["betas"] = tuple(ng["betas"])
-            groups.append(ng)
-        for gi, ng in enumerate(groups):
-            _validate_group(ng, f"state_dict param_groups[{gi}].")
-        self.state = new_state
-        self.param_groups = groups
+        self._mode.load_state_dict(self, state_dict)
         self._perturbed = None
-
-
-def _with_step_hooks(step):
-    """``_SAMBase.step`` as ``torch.optim.Optimizer.profile_hook_step`` wraps a
-    step: the step pre-hooks before it (they may replace its arguments), the
-    post-hooks after it, inside a profiler range; ``first_step`` and
-    ``second_step`` called from it then run no hooks of their own, so a SAM
-    step runs each hook once however it is driven. A ``step()`` that completes
-    a pending ``first_step()`` (whose pre-hooks already ran) runs only the
-    post-hooks."""
-    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
-    @functools.wraps(step)
-    def wrapper(*args, **kwargs):
-        self = args[0]
-        sv = self._step_vars
-        if sv.get("in_step"):                      # re-entered: hooks already running
-            return step(*args, **kwargs)
-        with torch.autograd.profiler.record_function(
-                f"Optimizer.step#{type(self).__name__}.step"):
-            if self._perturbed is None:
-                for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(),
-                                                self._optimizer_step_pre_hooks.values()):
-                    result = pre_hook(self, args, kwargs)
-                    if result is not None:
-                        if isinstance(result, tuple) and len(result) == 2:
-                            args, kwargs = result
-                        else:
-                            raise RuntimeError(f"{step} must return None or a tuple of "
-                                               f"(new_args, new_kwargs), but got {result}.")
-            sv["in_step"] = True
-            try:
-                out = step(*args, **kwargs)
-            finally:
-                sv["in_step"] = False
-            self._optimizer_step_code()
-            for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
-                                             _global_optimizer_post_hooks.values()):
-                post_hook(self, args, kwargs)
-            return out
-
-    wrapper.hooked = True        # torch.optim.Optimizer._patch_step_function: do not wrap again
-    return wrapper
-
-
-_SAMBase.step = _with_step_hooks(_SAMBase.step)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 class SAM(_SAMBase):
@@ -1753,7 +1020,7 @@ class FunctionalSAM(_SAMBase):
     _functional = True
 
     def __init__(self, params: Iterable, *args: Any, output: Any = None, **kwargs: Any) -> None:
-        from .functional import check_selector
+        from .cotangent import check_selector
 
         check_selector(output, argname="output")
         super().__init__(params, *args, **kwargs)
@@ -1761,7 +1028,7 @@ class FunctionalSAM(_SAMBase):
         self.output = output
 
     def _pass1_backward(self, output, loss):
-        from .functional import CotangentRecorder, check_not_loss, select_output
+        from .cotangent import CotangentRecorder, check_not_loss, select_output
         from .heads import is_head_output
 
         sel = getattr(self, "output", None)
@@ -1803,7 +1070,7 @@ class FunctionalSAM(_SAMBase):
         cotangent c0 (tensor hooks), so the output path gives J(θ+e)ᵀ c0 and
         loss terms that bypass the output (regularisers, a MoE router's
         load-balancing loss) are differentiated at θ+e as in SAM."""
-        from .functional import select_output
+        from .cotangent import select_output
         from .heads import is_head_output
 
         z = select_output(output, getattr(self, "output", None), argname="closure output")
