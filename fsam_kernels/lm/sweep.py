@@ -29,7 +29,8 @@ per variant and compare at an equal number of steps):
   (``torch.manual_seed(seed)`` before building the model; batch ``k`` is a
   function of ``(seed, k)``, :func:`fsam_kernels.lm.data.train_batch`), so
   differences to AdamW are paired by seed.
-* Every run is one ``fsam-train`` run (:func:`fsam_kernels.lm.train.train_one`)
+* Every run is one ``fsam-train`` run (:func:`fsam_kernels.lm.train.train_one`, a
+  :class:`~fsam_kernels.lm.train.Trainer`)
   in ``<out>/runs/<run id>/``: checkpointed at every evaluation and resumed
   from there; finished runs (``result.json``, written atomically after the
   final test evaluation) are skipped. A sweep killed at any point continues

@@ -46,6 +46,8 @@ batches (batch ``k`` is a function of ``(seed, k)`` only, see
 :func:`fsam_kernels.lm.data.train_batch`). All runs share one fixed
 validation set. Every SAM-family step costs two forward/backward passes;
 runs are compared at an equal number of steps (as in the paper).
+Each run is a :class:`Trainer` (``evaluate``, ``save``, ``resume``,
+``train_step``, ``run``); :func:`train_one` builds, resumes and runs one.
 
 Output directory (``--out``, default ``runs/lm``):
 
