@@ -2,7 +2,8 @@
 
 The CASES.md section A cases shared by every backend are in
 tests/test_conformance.py; this file keeps parity over Triton's block/chunk
-shapes, dtypes, layouts, its table cache, launch counts and AOT compilation.
+shapes, dtypes, layouts, its launch plans on the shared cache, launch counts
+and AOT compilation.
 
 On a machine without CUDA, conftest.py sets TRITON_INTERPRET=1 before triton
 is imported and the kernels run on CPU tensors through the interpreter (slow:
@@ -180,10 +181,25 @@ def test_d_a1_launches_independent_of_tensor_count(tri, device, launches):
 # D-A2, D-C1, D-C2, D-D1..D-D3, D-F5, D-J1, empty tensors anywhere, non-dense
 # params: tests/test_conformance.py, on every backend.
 # ------------------------------------------------------------------- caching
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """Records the launch plans the triton backend builds (their tensor counts)."""
+    built = []
+    real = tb._Plan
+
+    def counting(rec, *args):
+        built.append(rec.n)
+        return real(rec, *args)
+    monkeypatch.setattr(tb, "_Plan", counting)
+    return built
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_tables_refresh_when_grads_are_reallocated(tri, device):
-    """The triton table cache: the same storages reuse their tables, reallocated
-    grads (new storages, new values) are seen: the step stays the reference's."""
+def test_tables_refresh_when_grads_are_reallocated(tri, device, plan_builds):
+    """The launch plans of calls without a cache (found by the records' content,
+    _prepare.device_tables): the same storages reuse their plans (none built),
+    reallocated grads (new storages, new values) are seen: the step stays the
+    reference's."""
     shapes = [(100,), (3, 9)]
 
     def build(seed):
@@ -196,10 +212,11 @@ def test_tables_refresh_when_grads_are_reallocated(tri, device):
     st_r = state_for(params_r, g1, g2, random_state=False, t0=0.0)
     sam_step(tri, st_t, precondition=True, backups=bk)
     sam_step(REF, st_r, precondition=True)
-    n_cached = len(tri._cache)
+    n_built = len(plan_builds)
+    assert n_built <= 3
     sam_step(tri, st_t, precondition=True, backups=bk)  # same storages: no rebuild
     sam_step(REF, st_r, precondition=True)
-    assert len(tri._cache) == n_cached
+    assert len(plan_builds) == n_built
     # grads set to None and reallocated: new storages, new values
     del g1, g2
     _, g1, g2 = build(77)
@@ -208,6 +225,61 @@ def test_tables_refresh_when_grads_are_reallocated(tri, device):
     sam_step(tri, st_t, precondition=True, backups=bk)
     sam_step(REF, st_r, precondition=True)
     _conf.assert_states_close(st_t, st_r, rtol=F32_RTOL_10, info=TRI)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_call_site_cache_hangs_the_plan_on_the_entry(tri, device, plan_builds):
+    """With ``cache=`` and tuples (as the optimizer calls it) the triton backend
+    keeps the native backends' entry (_prepare.prepare) and hangs its launch
+    plan on it: a steady-state step builds no plan and reuses the records; new
+    grads build one plan for the ops that read them and nothing else; a
+    re-pointed parameter (``.data =``) rebuilds the records; every step equals
+    the uncached one bitwise."""
+    shapes = [(33, 5), (0,), (700,)]
+    gen = torch.Generator().manual_seed(4)
+    params = [randn(s, device, gen=gen) for s in shapes]
+    a = state_for(params, params, params, random_state=True)
+    b = {k: [t.clone() for t in v] for k, v in a.items()}
+    tup = {k: tuple(v) for k, v in a.items() if k not in ("grads1", "grads2")}
+    bk_a = tuple(torch.empty_like(p) for p in a["params"])
+    bk_b = [torch.empty_like(p) for p in b["params"]]
+    caches = {"sq": {}, "pt": {}, "ra": {}}
+    kw = dict(beta2=HP["beta2"], eps=HP["eps"], precondition=True, grad_scale=None)
+
+    def step(st, tp, bk, g1, g2, cache):
+        c = (lambda k: {"cache": caches[k]}) if cache else (lambda k: {})
+        out = torch.zeros((), dtype=torch.float64, device=device)
+        fi = torch.zeros((), device=device)
+        tri.sq_norm(g1, tp["exp_avg_sqs"], tp["steps"], out=out, **kw, **c("sq"))
+        tri.perturb(tp["params"], g1, bk, tp["exp_avg_sqs"], tp["steps"], rho=RHO,
+                    norm_sq=out, norm_eps=NORM_EPS, found_inf=fi, **kw, **c("pt"))
+        tri.restore_adamw(tp["params"], g2, bk, tp["exp_avgs"], tp["exp_avg_sqs"],
+                          tp["steps"], maximize=False, grad_scale=None, found_inf=fi,
+                          **HP, **c("ra"))
+        return out
+
+    g1 = tuple(randn(s, device, gen=gen) for s in shapes)
+    g2 = tuple(randn(s, device, gen=gen) for s in shapes)
+    builds, recs = [], []
+    for i in range(4):
+        if i == 2:   # new grads (new storages)
+            g1 = tuple(randn(s, device, gen=gen) for s in shapes)
+            g2 = tuple(randn(s, device, gen=gen) for s in shapes)
+        if i == 3:   # a re-pointed parameter (new storage, same values)
+            for st in (a, b):
+                st["params"][2].data = st["params"][2].data.clone()
+        n0 = len(plan_builds)
+        na = step(a, tup, bk_a, g1, g2, True)
+        builds.append(len(plan_builds) - n0)
+        nb = step(b, b, bk_b, [g.clone() for g in g1], [g.clone() for g in g2], False)
+        recs.append(caches["ra"]["restore_adamw"].rec)
+        assert torch.equal(na, nb), i
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+            for j, (x, y) in enumerate(zip(a[k], b[k])):
+                assert torch.equal(x, y), (i, k, j)
+    assert builds[:3] == [3, 0, 3], builds      # new grads: new plans (every op reads them)
+    assert recs[1] is recs[0] and recs[2] is recs[0]     # ... on the same records
+    assert recs[3] is not recs[2]                         # re-pointed param: rebuilt
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,24 +1,26 @@
 """Triton kernels of the triton backend (SPEC §6); the host side is triton.py.
 
 Every element kernel covers every tensor of one dtype combination in one
-launch. For each combination the host (triton.py, which caches the tables by
-their pointers and sizes) passes, in device memory:
+launch. For each combination the host (triton.py's ``_Plan``, derived from the
+call's record table of the shared preparation layer, _prepare.py, and kept on
+its cache entry) passes views of one int64 device buffer:
 
-- per-role pointer tables (int64 data pointers, one entry per tensor of the
+- per-role pointer tables (data pointers, one entry per tensor of the
   combination, in the same order in every role: params, grads, backups,
   exp_avgs, exp_avg_sqs),
-- a numel table (int64, one entry per tensor of the combination),
+- a numel table (one entry per tensor of the combination),
 - a tile table: for program ``pid``, ``tile_tensor[pid]`` is the tensor index
   (within the combination) and ``tile_chunk[pid]`` the chunk index inside
-  that tensor (int32 each); a chunk is ``CHUNK`` consecutive elements in
-  memory order, processed in ``CHUNK // BLOCK`` blocks,
+  that tensor; a chunk is ``CHUNK`` consecutive elements in memory order,
+  processed in ``CHUNK // BLOCK`` blocks,
 - the coefficient buffer of the call (below) offset to the combination's
   first tensor.
 
-Launches per call: ``coef_kernel`` once (restore_adamw always; sq_norm and
-perturb when preconditioned) over one step pointer table of every tensor of
-the call, in launch order (the combinations one after another; in
-restore_adamw the empty tensors last, their steps count too); then one
+Launches per call: ``coef_kernel`` once (restore_adamw whenever it has
+tensors; sq_norm and perturb when preconditioned) over one step pointer
+table of every tensor of the call, in launch order (the combinations one
+after another; in restore_adamw the empty tensors last, their steps count
+too); then one
 element kernel per combination; sq_norm adds ``sq_norm_finish_kernel`` (and
 launches nothing without a non-empty grad), a perturb with no non-empty
 tensor runs only ``flag_nonfinite_kernel``, restore only ``restore_kernel``.

@@ -33,9 +33,10 @@ Conventions shared by all operations
   each operation in it; on a later call with the *same tuple objects* for
   every list but ``grads`` (lists, being mutable, are checked in full every
   call), it may then check only the tensors' data pointers, the parameters'
-  contiguity, sizes and dtypes, and the grads in full. The native backends
-  hold the storages of the cached backups and state, so an unchanged pointer
-  means the same storage (a ``.data =`` re-pointing is always noticed). Pass
+  contiguity, sizes and dtypes, and the grads in full. The fused backends
+  (cpu, cuda, triton: backends/_prepare.py) hold the storages of the cached
+  backups and state, so an unchanged pointer means the same storage (a
+  ``.data =`` re-pointing is always noticed). Pass
   a cache only for tensors you own and do not reshape in place within their
   storage (``resize_``, ``as_strided_``, ``.data = x.view(...)`` of another
   size) between calls. Backends that keep no table ignore it. Results never

@@ -5,10 +5,17 @@ call, however many (plus one launch for the norm's finish, and one for the
 per-tensor step coefficients in restore_adamw and in the preconditioned
 sq_norm / perturb): the kernels read their tensors through device-memory
 tables of data pointers and a table of (tensor, chunk) tiles, in the manner of
-apex's Triton ``FusedAdamSWA`` and Triton's grouped-GEMM tutorial. The tables
-are cached, keyed by the tuple of data pointers (pointer tables) and of sizes
-(tile tables), and rebuilt only when a storage changes (for example gradients
-set to None and reallocated: only the grad pointer table is rebuilt).
+apex's Triton ``FusedAdamSWA`` and Triton's grouped-GEMM tutorial.
+
+Preparation and caching are the native backends' (:mod:`._prepare`): the
+same argument checks and record table (one row of pointers, numel and dtype
+codes per tensor), cached on the call site's ``cache=`` dict under the same
+rules (see base.py); the launch plan (:class:`_Plan`: every table above, in
+one int64 device buffer) is derived from the records alone and hung on the
+same entry, keyed by the grads' pointers, so a steady-state step with the
+same tensors builds and uploads nothing; calls without a cache find their
+plan by the records' content. Grads set to None and reallocated give a new
+plan (one upload).
 
 Numerics (SPEC §1-§4): arithmetic in float32 (float64 for float64
 parameters), 16-bit values cast on load and rounded once on store, to nearest
@@ -27,7 +34,7 @@ Layout: parameters, backups and optimizer state must share strides (state
 created with ``zeros_like(p)`` does); each such tensor is processed in memory
 order, so dense non-contiguous parameters (channels_last, transposed) work. A
 grad whose strides differ from its parameter's is first copied into the
-parameter's layout (one extra copy, and a fresh grad pointer table, per call).
+parameter's layout (one extra copy, and a fresh launch plan, per call).
 Parameters that are not dense and non-overlapping are refused with a
 ``ValueError`` naming the index.
 
@@ -38,18 +45,14 @@ first imported), which is how the tests run without a GPU.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import _prepare as P
 from .base import Backend
-from . import layout as L
-
-#: maximum number of cached device tables (pointer and tile tables together)
-_CACHE_SIZE = 256
 
 
 def _triton_import_error() -> Optional[str]:
@@ -99,11 +102,6 @@ def _split(x: float) -> Tuple[float, float]:
     return hi, lo
 
 
-def _given(xs):
-    """A required list argument for the length checks (None has no entries)."""
-    return () if xs is None else xs
-
-
 # ----------------------------------------------------------------- the backend
 class TritonBackend(Backend):
     """Triton multi-tensor kernels (see the module docstring)."""
@@ -121,9 +119,6 @@ class TritonBackend(Backend):
     }
     #: block of the norm-finish and coefficient kernels
     small_block = 1024
-
-    def __init__(self) -> None:
-        self._cache: "OrderedDict[tuple, object]" = OrderedDict()
 
     # ------------------------------------------------------------ availability
     @classmethod
@@ -153,250 +148,218 @@ class TritonBackend(Backend):
         return False, f"device type {device.type!r} is not supported (cuda, or cpu " \
                       f"through the Triton interpreter)"
 
-    # ------------------------------------------------------------------ tables
-    def _cached(self, key: tuple, build):
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        value = build()
-        self._cache[key] = value
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return value
-
-    @staticmethod
-    def _to_device(host: Tensor, device: torch.device) -> Tensor:
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host
-
-    def _ptr_table(self, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-        ptrs = tuple(t.data_ptr() for t in tensors)
-        return self._cached(
-            ("ptr", device, ptrs),
-            lambda: self._to_device(torch.tensor(ptrs, dtype=torch.int64), device))
-
-    def _tiles(self, numels: Tuple[int, ...], chunk: int, device: torch.device):
-        """(tile_tensor int32, tile_chunk int32, numel int64, n_tiles) for ``numels``."""
-        def build():
-            n = torch.tensor(numels, dtype=torch.int64)
-            counts = (n + chunk - 1) // chunk
-            n_tiles = int(counts.sum())
-            tile_tensor = torch.repeat_interleave(
-                torch.arange(len(numels), dtype=torch.int64), counts)
-            first = torch.cumsum(counts, 0) - counts
-            tile_chunk = torch.arange(n_tiles, dtype=torch.int64) - torch.repeat_interleave(first, counts)
-            if n_tiles and int(tile_chunk.max()) >= 2 ** 31:  # pragma: no cover
-                raise ValueError("triton backend: a tensor has more than 2^31 chunks")
-            return (self._to_device(tile_tensor.to(torch.int32), device),
-                    self._to_device(tile_chunk.to(torch.int32), device),
-                    self._to_device(n, device), n_tiles)
-        return self._cached(("tiles", device, numels, chunk), build)
-
+    # ------------------------------------------------------------------ calls
     def _cfg(self, device: torch.device):
         return self.config["cuda" if device.type == "cuda" else "cpu"]
 
-    @staticmethod
-    def _group(indices: Sequence[int], key_of) -> Dict[tuple, List[int]]:
-        """Indices grouped by dtype combination, in first-seen order."""
-        groups: Dict[tuple, List[int]] = {}
-        for i in indices:
-            groups.setdefault(key_of(i), []).append(i)
-        return groups
+    def _run(self, op: dict, a: dict, cache: Optional[dict]):
+        """Every method: the checks and records of the shared preparation layer
+        (:mod:`._prepare`, as the native backends), the launch plan hung on the
+        same entry, then the op's launches."""
+        name = op["name"]
+        device = P.check_call(op, a, "triton " + name)
+        if device is None:
+            return None
+        prep = P.prepare(op, cache, a, prefix="triton " + name, convert=False)
+        chunk = self._cfg(device)[1]
+        plan = P.device_tables(prep, ("triton", name, chunk), device,
+                               lambda rec: _Plan(rec, chunk, device, name == "restore_adamw"))
+        getattr(self, "_" + name)(a, plan, device)
 
-    def _coef(self, steps_in_order: Sequence[Tensor], device, found_inf: Tensor, *,
+    def _coef(self, plan: "_Plan", device, found_inf: Tensor, *,
               adamw: bool, lr: float = 0.0, beta1: float = 0.0, beta2: float) -> Tensor:
-        """Launch coef_kernel over ``steps_in_order``; returns the float64 buffer."""
-        n = len(steps_in_order)
+        """Launch coef_kernel over the plan's steps (in launch order); returns
+        the float64 buffer."""
+        n = plan.n_steps
         coef = torch.empty(2 * n, dtype=torch.float64, device=device)
-        s_tab = self._ptr_table(steps_in_order, device)
         sb = self.small_block
         lr_, b1, b2 = _split(lr), _split(beta1), _split(beta2)
-        _launch(_kernels().coef_kernel, ((n + sb - 1) // sb,), s_tab, n, coef, found_inf,
+        _launch(_kernels().coef_kernel, ((n + sb - 1) // sb,), plan.steps, n, coef, found_inf,
                 lr_[0], lr_[1], b1[0], b1[1], b2[0], b2[1], ADAMW=adamw, BLOCK=sb)
         return coef
 
     # ------------------------------------------------------------------ sq_norm
-    def sq_norm(self, grads, exp_avg_sqs, steps, *, beta2, eps, precondition,
-                grad_scale, out, cache=None):
-        if out.dtype != self.norm_dtype or out.numel() != 1:
-            raise TypeError(f"triton backend: out is {out.dtype} of shape {tuple(out.shape)}; "
-                            f"expected a 0-d float64 tensor (norm_dtype, SPEC §1)")
-        op = "triton sq_norm"
-        device = out.device
-        n = len(grads)
-        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
-        if precondition:
-            L.check_lengths(op, n, exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
-        gs = L.check_norm_args(op, grads, exp_avg_sqs, steps, precondition, device, False)
-
-        live = [i for i in range(n) if gs[i].numel() > 0]
-        if not live:
+    def _sq_norm(self, a, plan, device):
+        if not plan.groups:
             return
-        groups = self._group(
-            live, lambda i: (gs[i].dtype, exp_avg_sqs[i].dtype if precondition else None))
-        order = [i for idx in groups.values() for i in idx]
+        precondition, grad_scale, out = a["precondition"], a["grad_scale"], a["out"]
         k = _kernels()
         block, chunk, warps = self._cfg(device)
-        coef = (self._coef([steps[i] for i in order], device, out, adamw=False, beta2=beta2)
+        coef = (self._coef(plan, device, out, adamw=False, beta2=a["beta2"])
                 if precondition else None)
-        plans = []
-        total_tiles = 0
-        done = 0
-        for key, idx in groups.items():
-            tiles = self._tiles(tuple(gs[i].numel() for i in idx), chunk, device)
-            plans.append((key, idx, tiles, total_tiles, done))
-            total_tiles += tiles[3]
-            done += len(idx)
-        partials = torch.empty(total_tiles, dtype=torch.float64, device=device)
-        ep = _split(eps)
-        for (g_dt, v_dt), idx, (tt, tc, nt, n_tiles), t_off, i_off in plans:
-            g_tab = self._ptr_table([gs[i] for i in idx], device)
+        partials = torch.empty(plan.total_tiles, dtype=torch.float64, device=device)
+        ep = _split(a["eps"])
+        for grp in plan.groups:
+            g_dt = grp.g_dt
+            v_dt = grp.p_dt if precondition else None   # the state's dtype
+            g_tab = grp.tab[_G]
             if precondition:
-                v_tab = self._ptr_table([exp_avg_sqs[i] for i in idx], device)
-                c = coef[2 * i_off:]
+                v_tab, c = grp.tab[_V], coef[2 * grp.i_off:]
             else:
                 v_tab, c = g_tab, partials
             f64 = g_dt == torch.float64 or v_dt == torch.float64
-            _launch(k.sq_norm_partial_kernel, (n_tiles,),
-                    tt, tc, nt, g_tab, v_tab, c,
-                    grad_scale if grad_scale is not None else out, partials[t_off:],
+            _launch(k.sq_norm_partial_kernel, (grp.n_tiles,),
+                    grp.tt, grp.tc, grp.nt, g_tab, v_tab, c,
+                    grad_scale if grad_scale is not None else out, partials[grp.t_off:],
                     ep[0], ep[1],
                     G_DT=_tl_dtype(g_dt), V_DT=_tl_dtype(v_dt or torch.float32),
                     CT=_tl_dtype(torch.float64 if f64 else torch.float32), F64=f64,
-                    PRECOND=bool(precondition), HAS_SCALE=grad_scale is not None,
+                    PRECOND=precondition, HAS_SCALE=grad_scale is not None,
                     CHUNK=chunk, BLOCK=block, num_warps=warps)
-        _launch(k.sq_norm_finish_kernel, (1,), partials, total_tiles, out,
+        _launch(k.sq_norm_finish_kernel, (1,), partials, plan.total_tiles, out,
                 BLOCK=self.small_block)
 
     # ------------------------------------------------------------------ perturb
-    def perturb(self, params, grads, backups, exp_avg_sqs, steps, *, rho, norm_sq,
-                norm_eps, beta2, eps, precondition, grad_scale, found_inf, cache=None):
-        op = "triton perturb"
-        n = len(params)
-        L.check_lengths(op, n, grads=_given(grads), backups=_given(backups))
-        if precondition:
-            L.check_lengths(op, n, exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
-        device = found_inf.device
-        L.check_scalar(found_inf, "found_inf", device, op)
-        L.check_scalar(norm_sq, "norm_sq", device, op, dtype=self.norm_dtype)
-        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
-        gs = L.check_update_args(op, params, grads, backups, None,
-                                 exp_avg_sqs if precondition else None,
-                                 steps if precondition else None, device, False)
-
+    def _perturb(self, a, plan, device):
+        precondition, grad_scale = a["precondition"], a["grad_scale"]
+        norm_sq, found_inf = a["norm_sq"], a["found_inf"]
         k = _kernels()
-        live = [i for i in range(n) if params[i].numel() > 0]
-        if not live:
+        if not plan.groups:
             _launch(k.flag_nonfinite_kernel, (1,), norm_sq, found_inf)
             return
         block, chunk, warps = self._cfg(device)
-        ep = _split(eps)
-        groups = self._group(live, lambda i: (params[i].dtype, gs[i].dtype))
-        order = [i for idx in groups.values() for i in idx]
-        coef = (self._coef([steps[i] for i in order], device, found_inf, adamw=False,
-                           beta2=beta2)
+        ep = _split(a["eps"])
+        coef = (self._coef(plan, device, found_inf, adamw=False, beta2=a["beta2"])
                 if precondition else None)
-        done = 0
-        for (p_dt, g_dt), idx in groups.items():
-            tt, tc, nt, n_tiles = self._tiles(tuple(params[i].numel() for i in idx),
-                                              chunk, device)
-            p_tab = self._ptr_table([params[i] for i in idx], device)
-            g_tab = self._ptr_table([gs[i] for i in idx], device)
-            b_tab = self._ptr_table([backups[i] for i in idx], device)
+        for grp in plan.groups:
+            p_tab = grp.tab[_P]
             if precondition:
-                v_tab = self._ptr_table([exp_avg_sqs[i] for i in idx], device)
-                c = coef[2 * done:]
+                v_tab, c = grp.tab[_V], coef[2 * grp.i_off:]
             else:
-                v_tab, c = p_tab, nt
-            done += len(idx)
-            f64 = p_dt == torch.float64
+                v_tab, c = p_tab, grp.nt
+            f64 = grp.p_dt == torch.float64
             ct = _tl_dtype(torch.float64 if f64 else torch.float32)
-            _launch(k.perturb_kernel, (n_tiles,),
-                    tt, tc, nt, p_tab, g_tab, b_tab, v_tab, c,
+            _launch(k.perturb_kernel, (grp.n_tiles,),
+                    grp.tt, grp.tc, grp.nt, p_tab, grp.tab[_G], grp.tab[_B], v_tab, c,
                     grad_scale if grad_scale is not None else found_inf, norm_sq, found_inf,
-                    float(rho), float(norm_eps), ep[0], ep[1],
-                    P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), V_DT=ct, CT=ct, F64=f64,
-                    PRECOND=bool(precondition), HAS_SCALE=grad_scale is not None,
+                    a["rho"], a["norm_eps"], ep[0], ep[1],
+                    P_DT=_tl_dtype(grp.p_dt), G_DT=_tl_dtype(grp.g_dt), V_DT=ct, CT=ct,
+                    F64=f64, PRECOND=precondition, HAS_SCALE=grad_scale is not None,
                     CHUNK=chunk, BLOCK=block, num_warps=warps)
 
     # ------------------------------------------------------------ restore_adamw
-    def restore_adamw(self, params, grads, backups, exp_avgs, exp_avg_sqs, steps, *,
-                      lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                      found_inf, cache=None):
-        op = "triton restore_adamw"
-        n = len(params)
-        L.check_lengths(op, n, grads=_given(grads), backups=backups, exp_avgs=_given(exp_avgs),
-                        exp_avg_sqs=_given(exp_avg_sqs), steps=_given(steps))
-        device = found_inf.device
-        L.check_scalar(found_inf, "found_inf", device, op)
-        L.check_scalar(grad_scale, "grad_scale", device, op, optional=True)
-        gs = L.check_update_args(op, params, grads, backups, exp_avgs, exp_avg_sqs, steps,
-                                 device, False)
-        if n == 0:
+    def _restore_adamw(self, a, plan, device):
+        grad_scale, found_inf, has_backups = a["grad_scale"], a["found_inf"], a["has_backups"]
+        lr, beta1, beta2 = a["lr"], a["beta1"], a["beta2"]
+        if plan.n_steps == 0:
             return
         k = _kernels()
         block, chunk, warps = self._cfg(device)
-        live = [i for i in range(n) if params[i].numel() > 0]
-        groups = self._group(live, lambda i: (params[i].dtype, gs[i].dtype))
-        live_set = set(live)
-        # live tensors in launch order, then the empty ones (their steps count too)
-        order = [i for idx in groups.values() for i in idx] + \
-                [i for i in range(n) if i not in live_set]
-        # reads every step, writes step + 1 (unless found_inf) before any tile runs
-        coef = self._coef([steps[i] for i in order], device, found_inf, adamw=True,
-                          lr=lr, beta1=beta1, beta2=beta2)
-        decay = _split(1.0 - lr * weight_decay)
+        # reads every step (the empty tensors' last), writes step + 1 (unless
+        # found_inf) before any tile runs
+        coef = self._coef(plan, device, found_inf, adamw=True, lr=lr, beta1=beta1, beta2=beta2)
+        decay = _split(1.0 - lr * a["weight_decay"])
         w1 = _split(1.0 - beta1)
         b2 = _split(beta2)
         omb2 = _split(1.0 - beta2)
-        ep = _split(eps)
-        gsign = -1.0 if maximize else 1.0
-        done = 0
-        for (p_dt, g_dt), idx in groups.items():
-            tt, tc, nt, n_tiles = self._tiles(tuple(params[i].numel() for i in idx),
-                                              chunk, device)
-            p_tab = self._ptr_table([params[i] for i in idx], device)
-            g_tab = self._ptr_table([gs[i] for i in idx], device)
-            b_tab = (self._ptr_table([backups[i] for i in idx], device)
-                     if backups is not None else p_tab)
-            m_tab = self._ptr_table([exp_avgs[i] for i in idx], device)
-            v_tab = self._ptr_table([exp_avg_sqs[i] for i in idx], device)
-            c = coef[2 * done:]
-            done += len(idx)
-            f64 = p_dt == torch.float64
-            _launch(k.restore_adamw_kernel, (n_tiles,),
-                    tt, tc, nt, p_tab, g_tab, b_tab, m_tab, v_tab, c,
+        ep = _split(a["eps"])
+        gsign = -1.0 if a["maximize"] else 1.0
+        for grp in plan.groups:
+            p_tab = grp.tab[_P]
+            f64 = grp.p_dt == torch.float64
+            _launch(k.restore_adamw_kernel, (grp.n_tiles,),
+                    grp.tt, grp.tc, grp.nt, p_tab, grp.tab[_G],
+                    grp.tab[_B] if has_backups else p_tab, grp.tab[_M], grp.tab[_V],
+                    coef[2 * grp.i_off:],
                     grad_scale if grad_scale is not None else found_inf, found_inf,
                     decay[0], decay[1], w1[0], w1[1], b2[0], b2[1], omb2[0], omb2[1],
                     ep[0], ep[1], gsign,
-                    P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt),
+                    P_DT=_tl_dtype(grp.p_dt), G_DT=_tl_dtype(grp.g_dt),
                     CT=_tl_dtype(torch.float64 if f64 else torch.float32), F64=f64,
-                    HAS_BACKUP=backups is not None, HAS_SCALE=grad_scale is not None,
+                    HAS_BACKUP=has_backups, HAS_SCALE=grad_scale is not None,
                     CHUNK=chunk, BLOCK=block, num_warps=warps)
 
     # ------------------------------------------------------------------ restore
-    def restore(self, params, backups, *, cache=None):
-        op = "triton restore"
-        n = len(params)
-        L.check_lengths(op, n, backups=_given(backups))
-        if n == 0:
-            return
-        device = params[0].device
-        L.check_update_args(op, params, None, backups, None, None, None, device, False)
-        live = [i for i in range(n) if params[i].numel() > 0]
-        if not live:
-            return
+    def _restore(self, a, plan, device):
         k = _kernels()
         block, chunk, warps = self._cfg(device)
-        for (p_dt,), idx in self._group(live, lambda i: (params[i].dtype,)).items():
-            tt, tc, nt, n_tiles = self._tiles(tuple(params[i].numel() for i in idx),
-                                              chunk, device)
-            _launch(k.restore_kernel, (n_tiles,), tt, tc, nt,
-                    self._ptr_table([params[i] for i in idx], device),
-                    self._ptr_table([backups[i] for i in idx], device),
-                    P_DT=_tl_dtype(p_dt), CHUNK=chunk, BLOCK=block, num_warps=warps)
+        for grp in plan.groups:
+            _launch(k.restore_kernel, (grp.n_tiles,), grp.tt, grp.tc, grp.nt,
+                    grp.tab[_P], grp.tab[_B],
+                    P_DT=_tl_dtype(grp.p_dt), CHUNK=chunk, BLOCK=block, num_warps=warps)
+
+
+for _name in P.OPS:
+    setattr(TritonBackend, _name, P.backend_method(_name, TritonBackend._run))
+
+
+# ------------------------------------------------------------ the launch plan
+_P, _G, _B, _M, _V, _S = range(6)   # record columns (_prepare.ROLES)
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to an even count of int64 (16-byte aligned segments:
+    Triton specialises pointer arguments on 16-byte divisibility)."""
+    return n + (n & 1)
+
+
+class _Group:
+    """The tensors of one dtype combination: dtypes, their tables (views of the
+    plan's one device buffer), offsets in the call's order."""
+
+    __slots__ = ("p_dt", "g_dt", "tt", "tc", "nt", "n_tiles", "tab", "i_off", "t_off")
+
+
+class _Plan:
+    """The Triton launch tables of one call, derived from its records alone
+    (so :func:`_prepare.device_tables` may reuse them for equal records):
+    the non-empty tensors grouped by dtype combination (record column 7) in
+    first-seen order; per group its tile table (``tile_tensor``,
+    ``tile_chunk``: for program ``pid``, the tensor within the group and the
+    chunk within the tensor), numel table and one pointer table per role; the
+    step pointer table of every tensor in launch order (with ``with_empty``
+    the empty tensors last: restore_adamw increments their steps too). All of
+    it int64, in one host array uploaded once."""
+
+    __slots__ = ("groups", "steps", "n_steps", "total_tiles", "buf")
+
+    def __init__(self, rec: P.Records, chunk: int, device: torch.device, with_empty: bool):
+        a = rec.a
+        numel = a[:, 6]
+        live = np.flatnonzero(numel > 0)
+        by_code: Dict[int, List[int]] = {}
+        for i, c in zip(live.tolist(), a[live, 7].tolist()):
+            by_code.setdefault(c, []).append(i)
+        order = [i for idx in by_code.values() for i in idx]
+        if with_empty:
+            order += np.flatnonzero(numel == 0).tolist()
+        m = len(order)
+        mp = _aligned(m)
+        parts = [np.zeros((6, mp), dtype=np.int64)]
+        parts[0][:, :m] = a[order, :6].T
+        segs = []   # per group: (tt, tc, nt) offsets and lengths in the buffer
+        off = 6 * mp
+        i_off = t_off = 0
+        for c, idx in by_code.items():
+            n = numel[idx]
+            counts = (n + chunk - 1) // chunk
+            n_tiles = int(counts.sum())
+            tt = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
+            first = np.cumsum(counts) - counts
+            tc = np.arange(n_tiles, dtype=np.int64) - np.repeat(first, counts)
+            seg = []
+            for arr in (tt, tc, n.astype(np.int64)):
+                padded = np.zeros(_aligned(len(arr)), dtype=np.int64)
+                padded[:len(arr)] = arr
+                parts.append(padded)
+                seg.append((off, len(arr)))
+                off += len(padded)
+            segs.append((c, len(idx), n_tiles, seg, i_off, t_off))
+            i_off += len(idx)
+            t_off += n_tiles
+        host = np.concatenate([p.reshape(-1) for p in parts])
+        self.buf = buf = P.upload(host, device)
+        self.groups = []
+        for c, k, n_tiles, seg, i0, t0 in segs:
+            g = _Group()
+            g.p_dt, g.g_dt = P.CODE_DTYPE[c & 0xFFFFFFFF], P.CODE_DTYPE[c >> 32]
+            g.tt, g.tc, g.nt = (buf[o:o + n] for o, n in seg)
+            g.tab = [buf[r * mp + i0: r * mp + i0 + k] for r in range(6)]
+            g.n_tiles, g.i_off, g.t_off = n_tiles, i0, t0
+            self.groups.append(g)
+        self.steps = buf[_S * mp: _S * mp + m]
+        self.n_steps = m
+        self.total_tiles = t_off
 
 
 __all__ = ["TritonBackend"]
