@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local, share_flags, share_flags_over_shards
+from ._norms import clip_coefs, clip_grads, flag, mark_non_finite, scale_on
 from ._plans import compile_safe_out as _cs
 from ._state_dict import (check_saved_group_keys, load_adamw_state_dict, load_base_state_dict,
                           run_state_dict_hooks, state_dtype)
@@ -43,6 +44,8 @@ class FusedAdamW:
         validate_group(group, where)
 
     def add_param_group(self, opt, group: Dict[str, Any], where: str, torch_add) -> None:
+        """Validate a new group (defaults filled in) and add it (``torch_add``:
+        ``torch.optim.Optimizer.add_param_group``)."""
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         validate_group(group, where)
@@ -65,15 +68,16 @@ class FusedAdamW:
         A loss scale is folded into the kernels' ``grad_scale`` (and the grads
         checked for inf/NaN), the clip coefficient likewise: no grad is
         changed in place."""
-        clip = opt._clip_grads(staged)
+        clip = clip_grads(staged)
         flags = opt._found_inf
         if grad_scale is not None and opt.max_grad_norm is None:
-            opt._mark_non_finite(clip)                   # pass-2 inf/NaN check (the clip
+            mark_non_finite(flags, clip)                 # pass-2 inf/NaN check (the clip
             share_flags_over_shards(flags, list(clip))   # norm below checks it otherwise)
         share_flags(flags)
-        scales = {d: opt._scale_on(grad_scale, d) for d in devs}
+        scales = {d: scale_on(grad_scale, d) for d in devs}
         if opt.max_grad_norm is not None:
-            for d, coef in opt._clip_coefs(clip, grad_scale).items():   # g/s' = (g/s)·coef
+            coefs = clip_coefs(opt._backend, flags, clip, opt.max_grad_norm, grad_scale)
+            for d, coef in coefs.items():                # g/s' = (g/s)·coef
                 scales[d] = (scales[d] / coef) if scales[d] is not None else 1.0 / coef
             share_flags(flags)
         for group, plan, grads in staged:
@@ -84,11 +88,11 @@ class FusedAdamW:
                 for c in calls:
                     d = c.device
                     opt._backend(d).restore_adamw(
-                        c.ps, opt._compile_safe_grads(c.get(grads), plan),
+                        c.ps, plan.kernel_grads(c.get(grads)),
                         c.bs if has_backup else None, c.ms, c.vs, c.ts,
                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        grad_scale=scales[d], found_inf=opt._flag(d), cache=c.cache)
+                        grad_scale=scales[d], found_inf=flag(opt._found_inf, d), cache=c.cache)
 
     def state_dict(self, opt, torch_state_dict) -> Dict[str, Any]:
         return torch_state_dict()
@@ -122,8 +126,11 @@ class BaseOptimizer(FusedAdamW):
 
     def add_param_group(self, opt, group: Dict[str, Any], where: str, torch_add) -> None:
         validate_sam_keys(group, where)
-        self.check_precondition(group, where)
-        self.base.add_param_group(group)
+        if self.base is None:            # inside __init__, before the base exists
+            torch_add(group)
+        else:                            # the base owns the list of groups
+            self.check_precondition(group, where)
+            self.base.add_param_group(group)
 
     def precond_state(self, opt, p: Tensor):
         """The base's exp_avg_sq and step (as a 0-d float32 on ``p``'s device),
@@ -149,17 +156,19 @@ class BaseOptimizer(FusedAdamW):
             for calls in (plan.without, plan.restored):
                 for c in calls:
                     opt._backend(c.device).restore(c.ps, c.bs, cache=c.cache)
-        clip = opt._clip_grads(staged)
+        clip = clip_grads(staged)
+        flags = opt._found_inf
         inv = None
         if grad_scale is not None:
-            inv = {d: opt._scale_on(grad_scale, d).reciprocal() for d in devs}
-        opt._mark_non_finite(clip, inv)       # unscale once + pass-2 inf/NaN check
+            inv = {d: scale_on(grad_scale, d).reciprocal() for d in devs}
+        mark_non_finite(flags, clip, inv)       # unscale once + pass-2 inf/NaN check
         if opt.max_grad_norm is not None:
-            for d, coef in opt._clip_coefs(clip, None).items():
+            coefs = clip_coefs(opt._backend, flags, clip, opt.max_grad_norm, None)
+            for d, coef in coefs.items():
                 torch._foreach_mul_([g for (dd, _), gs in clip.items() if dd == d for g in gs],
                                     coef)
-        share_flags_over_shards(opt._found_inf, list(clip))
-        if not any(bool(f.item()) for f in opt._found_inf.values()):
+        share_flags_over_shards(flags, list(clip))
+        if not any(bool(f.item()) for f in flags.values()):
             self.base.step()
 
     def state_dict(self, opt, torch_state_dict) -> Dict[str, Any]:

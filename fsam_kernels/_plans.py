@@ -255,6 +255,10 @@ class _Plan:
                 and _state_entries_same(self.sds, "exp_avg_sq", self.vs)
                 and _state_entries_same(self.sds, "step", self.ts))
 
+    def kernel_grads(self, gs):
+        """One call's grads ``gs`` for the kernels (compile-safe when not cached)."""
+        return gs if self.cached else compile_safe_all(gs)
+
     def grads(self, grads: list) -> list:
         """The group's grads as the kernels take them (local shards of DTensors)."""
         return [local(g) for g in grads] if self.sharded else grads

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +19,8 @@ from torch import Tensor
 from .cotangent import differentiable_items
 from . import _closure
 
-__all__ = ["SCALER_STEP_MSG", "run_closure_step", "unpack", "with_step_hooks", "run_step_hooks"]
+__all__ = ["ClosureAPI", "SCALER_STEP_MSG", "run_closure_step", "unpack", "with_step_hooks",
+           "run_step_hooks", "record_in_scaler"]
 
 SCALER_STEP_MSG = (
     "scaler.step(optimizer) cannot drive a two-pass SAM step (the loss must be scaled "
@@ -149,6 +151,20 @@ def unpack(result, which: str):
     return output, loss
 
 
+def record_in_scaler(opt, scaler) -> None:
+    """Record this step's inf/NaN outcome in the scaler, as torch's fused
+    optimizers do, so that ``scaler.update()`` backs off after a skip."""
+    from torch.amp.grad_scaler import OptState
+
+    st = scaler._per_optimizer_states[id(opt)]
+    if st["stage"] is OptState.STEPPED:
+        raise RuntimeError("grad_scaler: step already recorded since the last "
+                           "scaler.update(); call scaler.update() once per step")
+    dev = scaler._scale.device
+    st["found_inf_per_device"] = {dev: opt.last_step_skipped.to(dev, torch.float32)}
+    st["stage"] = OptState.STEPPED
+
+
 def run_step_hooks(opt, pre: bool) -> None:
     """The step pre- or post-hooks (global and ``opt``'s, torch order),
     called as for ``step()`` without arguments: ``hook(opt, (opt,), {})``.
@@ -211,3 +227,98 @@ def with_step_hooks(step):
     return wrapper
 
 
+
+
+class ClosureAPI:
+    """``step(closure)`` and ``mark_output`` of SAM and FunctionalSAM (a base of
+    ``_SAMBase``; FunctionalSAM overrides the two backward passes)."""
+
+    def mark_output(self, output: Tensor) -> Tensor:
+        """Mark the model output for Functional-SAM in a closure that runs backward
+        itself (torch.optim convention, Lightning's automatic optimization), or in
+        a hand-written loop; ``z = opt.mark_output(model(x))``, loss from ``z``.
+
+        ``output``: the model output tensor (any shape and floating dtype; for a
+        transformers ModelOutput pass ``.logits``). With no ``first_step()``
+        pending (pass 1) it returns ``output`` itself and records the cotangent
+        c0 = ∂ℓ/∂output that the caller's ``loss.backward()`` produces (one record
+        per call: mark every micro-batch). With a ``first_step()`` pending (pass 2)
+        it returns a tensor equal to ``output`` whose backward hands on the
+        oldest record's c0 instead of the incoming gradient, so the caller's
+        ``loss.backward()`` accumulates J(θ+e)ᵀ c0 into ``.grad`` (SPEC §2). Loss
+        terms that do not pass through marked outputs (a weight penalty) add
+        their own gradient at θ+e, as in the forward-only closure. For ``SAM``, under
+        ``torch.no_grad()`` and for outputs that do not require grad it returns
+        ``output`` unchanged and records nothing.
+
+        Raises ``TypeError`` for a non-tensor; ``RuntimeError`` in pass 2 when
+        more outputs are marked than in pass 1, when the pass-1 output received
+        no gradient, or when the shapes differ.
+        """
+        return _closure.mark_output(self, output)
+
+    @with_step_hooks
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             grad_scaler=None) -> Optional[Tensor]:
+        """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
+
+        ``closure`` takes one of two forms (docs/loops.md, "The closure API"):
+
+        * forward only: it returns ``(output, loss)``: the model output (tensor,
+          tuple or dict of tensors) and the scalar loss. Do not call
+          ``backward`` or ``zero_grad`` inside it: the optimizer sets grads to
+          None and runs the backward passes itself (SAM: ``loss.backward()`` in
+          both passes; Functional-SAM: pass 2 runs ``loss.backward()`` with the
+          gradient arriving at the output replaced by the pass-1 cotangent c0,
+          SPEC §2, so loss terms that bypass the output keep their gradient).
+        * back-propagating (torch.optim convention, Lightning's automatic
+          optimization): it zeroes the grads, runs forward and
+          ``loss.backward()`` itself and returns the loss (a tensor, or None
+          when it skipped the batch: then nothing is done and None is
+          returned). It is called at θ (pass 1) and at θ + e (pass 2, grads set
+          to None before). Grads that existed before the call must not be
+          accumulated into (``RuntimeError``: a closure cannot re-run earlier
+          micro-batches in pass 2). Functional-SAM needs the model output
+          marked with :meth:`mark_output` inside the closure (``ValueError``
+          otherwise). If pass 2 returns None without a backward, θ is restored,
+          the update skipped and ``last_step_skipped`` set.
+
+        With ``same_dropout_masks`` (default) the RNG state is restored before
+        pass 2 so dropout draws the same masks; with ``model=`` and
+        ``bn_clean_pass_only`` (default) BatchNorm statistics are restored after
+        pass 2; with ``ascent_sync="local"`` pass 1 runs under
+        ``model.no_sync()``.
+
+        With a ``first_step()`` pending, ``step()`` completes it: it runs
+        ``second_step()`` on the current (pass-2) grads and returns None, so
+        wrappers that call ``optimizer.step()`` after the user's own pass 2
+        (accelerate / the Hugging Face Trainer, Lightning's manual
+        optimization) count the step. A closure given then is called once
+        and must run no backward and return None (Lightning's do-nothing
+        closure); otherwise ``RuntimeError``.
+
+        ``grad_scaler`` (forward-only form only): an fp16
+        ``torch.amp.GradScaler``: both losses are
+        scaled (Functional-SAM's c0 comes from the scaled loss), each pass's
+        grads are unscaled once inside the kernels, both passes are checked
+        for inf/NaN, a bad step is skipped atomically (θ bitwise unchanged,
+        state unchanged, ``last_step_skipped`` true) and recorded in the
+        scaler; call ``scaler.update()`` after the step.
+        ``scaler.step(opt, closure)`` is the same call (GradScaler passes
+        itself as ``grad_scaler``); ``scaler.step(opt)`` without a closure
+        raises ``RuntimeError`` pointing here.
+
+        Raises ``TypeError`` if ``closure`` is missing (nothing pending) or
+        returns the wrong thing, ``ValueError`` if the loss or output does not
+        depend on the parameters, ``RuntimeError`` for a forward-only closure
+        that already ran backward (the message names the fix). If pass 2
+        raises, θ is restored before re-raising.
+        """
+        return run_closure_step(self, closure, grad_scaler)
+
+    def _pass1_backward(self, output, loss):
+        loss.backward()
+        return None
+
+    def _pass2_backward(self, output, loss, cot):
+        loss.backward()

@@ -17,8 +17,9 @@ from torch import Tensor
 from .distributed import is_dtensor, local
 from ._validation import validate_group, validate_sam_keys
 
-__all__ = ["STATE_KEYS", "state_dtype", "check_saved_group_keys", "load_state_tensor",
-           "load_adamw_state_dict", "run_state_dict_hooks"]
+__all__ = ["STATE_KEYS", "state_dtype", "init_state", "match_state", "load_state_dict",
+           "check_saved_group_keys", "load_state_tensor", "load_adamw_state_dict",
+           "load_base_state_dict", "run_state_dict_hooks"]
 
 #: per-parameter state keys of the AdamW-based optimizers (torch.optim.AdamW names)
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -32,6 +33,68 @@ _TORCH_FILLED_KEYS = frozenset({"foreach", "fused", "differentiable", "capturabl
 def state_dtype(p: Tensor) -> torch.dtype:
     """exp_avg / exp_avg_sq dtype: float64 for float64 params, else float32 (SPEC)."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def init_state(state_of, p: Tensor) -> Dict[str, Tensor]:
+    """``state_of[p]``, ``p``'s AdamW state: created at t = 0 (``step`` a 0-d
+    float32 on ``p``'s device, zero moments of ``state_dtype(p)`` in ``p``'s
+    layout; DTensors for a DTensor parameter, as torch's optimizers keep it),
+    or the existing one following its parameter (:func:`match_state`)."""
+    state = state_of[p]
+    if len(state) == 0:
+        sd = state_dtype(p)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        fmt = {} if is_dtensor(p) else {"memory_format": torch.preserve_format}
+        state["exp_avg"] = torch.zeros_like(p, dtype=sd, **fmt)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, **fmt)
+    elif not is_dtensor(p):
+        match_state(p, state)
+    return state
+
+
+def match_state(p: Tensor, state: Dict[str, Tensor]) -> None:
+    """Existing state follows its parameter after ``model.double()``,
+    ``model.to(memory_format=torch.channels_last)`` or ``model.to(device)``
+    between steps: exp_avg/exp_avg_sq are copied (values kept; float32 to
+    float64 exact, float64 to float32 rounded once, as
+    ``torch.optim.Optimizer.load_state_dict`` casts) to the dtype the
+    parameter's state has (``state_dtype``) and to the parameter's device
+    and memory layout, and ``step`` to its device. A state tensor of another
+    shape is left alone (the backends raise, naming it)."""
+    sd = state_dtype(p)
+    dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = state.get(key)
+        if not isinstance(t, Tensor) or t.shape != p.shape:
+            continue
+        if t.dtype != sd or t.device != p.device or (dense and t.stride() != p.stride()):
+            state[key] = torch.empty_like(p, dtype=sd, memory_format=torch.preserve_format
+                                          ).copy_(t)
+    t = state.get("step")
+    if isinstance(t, Tensor) and t.device != p.device:
+        state["step"] = t.to(p.device)
+
+
+def load_state_dict(opt, state_dict: Dict[str, Any]) -> None:
+    """``opt.load_state_dict(state_dict)``: the load pre-hooks, every check
+    (nothing changes when one fails), ``restore()`` of a pending step, the
+    load by ``opt``'s update rule, the post-hooks."""
+    if not isinstance(state_dict, dict):
+        raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}")
+    state_dict = state_dict.copy()      # shallow, as torch (hooks may edit it)
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+    opt._mode.check_saved_groups(opt, state_dict["param_groups"])
+    opt.restore()          # a pending first_step is abandoned: θ bitwise back first
+    opt._mode.load_state_dict(opt, state_dict)
+    opt._perturbed = None
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 def run_state_dict_hooks(opt, make) -> Dict[str, Any]:

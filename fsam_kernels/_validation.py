@@ -18,7 +18,7 @@ from torch import Tensor
 from .distributed import is_dtensor
 
 __all__ = ["check_float", "validate_sam_keys", "validate_group", "check_param", "check_grad",
-           "check_grads", "check_group_grads", "check_new_group_params", "check_options",
+           "check_grads", "check_group_grads", "check_new_group", "check_options", "sam_defaults",
            "PARAM_DTYPES"]
 
 #: dtypes a parameter may have (the ascent writes it)
@@ -72,11 +72,9 @@ def validate_group(group: Dict[str, Any], where: str) -> None:
             raise TypeError(f"{where}{flag}: expected a bool, got {group[flag]!r}")
 
 
-def check_options(*, backend, backend_names, same_dropout_masks, bn_clean_pass_only,
-                  max_grad_norm, ascent_sync, model) -> Optional[float]:
+def check_options(*, same_dropout_masks, bn_clean_pass_only, max_grad_norm, ascent_sync,
+                  model) -> Optional[float]:
     """The optimizer-wide constructor arguments; returns ``max_grad_norm`` as a float (or None)."""
-    if not isinstance(backend, str) or backend not in backend_names:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {backend_names}")
     for name, v in (("same_dropout_masks", same_dropout_masks),
                     ("bn_clean_pass_only", bn_clean_pass_only)):
         if not isinstance(v, bool):
@@ -94,10 +92,41 @@ def check_options(*, backend, backend_names, same_dropout_masks, bn_clean_pass_o
     return max_grad_norm
 
 
-def check_new_group_params(params: Sequence, idx: int, existing: Iterable) -> None:
-    """The parameters of a group being added as group ``idx``: tensors, each
-    given once (``existing``: ids of the other groups' parameters), not on
-    'meta', dense, real floating point."""
+def sam_defaults(name: str, base_optimizer, given: Dict[str, Any], base_kwargs: Dict[str, Any],
+                 *, rho, precondition, adamw: Dict[str, Any], sam_base: type):
+    """``(defaults, given)`` of a SAM optimizer (class ``name``): AdamW's
+    defaults overridden by the ``given`` hyperparameters, or with a
+    ``base_optimizer`` only the SAM keys (``given`` then goes to the base).
+    ``TypeError`` for keywords without a base optimizer and for a base that
+    is not a torch optimizer class (or is SAM itself)."""
+    if isinstance(given.get("betas"), list):
+        given["betas"] = tuple(given["betas"])
+    if base_optimizer is None:
+        if base_kwargs:
+            raise TypeError(f"{name}: unexpected keyword argument(s) "
+                            f"{sorted(base_kwargs)} (extra keywords go to base_optimizer, "
+                            "and none was given)")
+        return dict(adamw, **given, rho=rho, precondition=precondition), given
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError("base_optimizer: expected a torch.optim.Optimizer subclass "
+                        f"(e.g. torch.optim.SGD), got {base_optimizer!r}")
+    if issubclass(base_optimizer, sam_base):
+        raise TypeError("base_optimizer: cannot be SAM/FunctionalSAM itself")
+    return dict(rho=rho, precondition=precondition), given
+
+
+def check_new_group(param_group: Dict[str, Any], idx: int, existing: Iterable) -> Dict[str, Any]:
+    """A copy of the group being added as group ``idx`` with ``params`` as a
+    list (a lone tensor becomes a list of one; a set is refused: no order),
+    its parameters checked: tensors, each given once (``existing``: ids of
+    the other groups' parameters), not on 'meta', dense, real floating point."""
+    if isinstance(param_group.get("params"), Tensor):
+        param_group = dict(param_group, params=[param_group["params"]])
+    elif isinstance(param_group.get("params"), set):
+        raise TypeError("params: parameters must be an ordered collection, not a set")
+    else:
+        param_group = dict(param_group, params=list(param_group["params"]))
+    params = param_group["params"]
     seen = set()
     existing = set(existing)
     for i, p in enumerate(params):
@@ -124,6 +153,7 @@ def check_new_group_params(params: Sequence, idx: int, existing: Iterable) -> No
                     "parameters are not supported: pass torch.view_as_real views instead")
             raise TypeError(f"params: group {idx} item {i} has dtype {p.dtype}, "
                             "expected a floating-point tensor")
+    return param_group
 
 
 def check_param(p: Tensor, gi: int, i: int) -> None:
@@ -157,7 +187,8 @@ def check_grads(gi: int, idx: Sequence[int], gs: Sequence[Tensor], shapes: List[
     ``shapes``): one C-level pass when all are plain dense tensors of the right
     shape; otherwise each is checked with :func:`check_grad` (DTensor grads
     included: global shapes), raising for the first bad one."""
-    if (not torch.compiler.is_compiling() and set(map(_layout_of, gs)) <= _STRIDED and list(map(_shape_of, gs)) == shapes
+    if (not torch.compiler.is_compiling()      # (attrgetter: not traced by dynamo)
+            and set(map(_layout_of, gs)) <= _STRIDED and list(map(_shape_of, gs)) == shapes
             and set(map(type, gs)) <= _PLAIN):
         return
     for i in idx:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 # imported here, not lazily inside the first optimizer's __init__ (torch's
@@ -48,21 +48,19 @@ from torch import Tensor
 
 from .backends import BACKEND_NAMES, Backend, get_backend
 from .cotangent import differentiable_items
-from .distributed import global_sum, is_dtensor, reduce_norm_sq, shard_key
+from .distributed import global_sum, reduce_norm_sq
 from .distributed import local as _local
 from ._base_mode import BaseOptimizer, FusedAdamW
-from ._plans import (Entry, FirstPlan, PlanCache, SecondPlan, compile_safe_all, compile_safe_out,
-                     grad_mask, grads_of)
-from ._sam_step import run_closure_step, run_step_hooks, with_step_hooks
-from . import _closure
-from ._state_dict import state_dtype as _state_dtype
-from ._validation import (check_grads, check_group_grads, check_new_group_params,
-                          check_options, check_param, is_plain, validate_sam_keys)
+from ._norms import flag, scale_on, set_flags, sq_norm_into
+from ._plans import PlanCache, compile_safe_all
+from ._sam_step import ClosureAPI, record_in_scaler, run_step_hooks
+from ._staging import first_plans, second_plans
+from ._state_dict import init_state, load_state_dict
+from ._validation import check_new_group, check_options, sam_defaults
 
 __all__ = ["SAM", "FunctionalSAM", "bn_stats_frozen"]
 
 _NORM_EPS = 1e-12
-_CLIP_EPS = 1e-6          # as torch.nn.utils.clip_grad_norm_
 _UNSET = object()         # "not given": lets base_optimizer users pass lr/eps/... to the base
 _ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False)
 
@@ -160,7 +158,7 @@ def _scaler_scale(grad_scaler) -> Optional[Tensor]:
 
 
 
-class _SAMBase(torch.optim.Optimizer):
+class _SAMBase(ClosureAPI, torch.optim.Optimizer):
     """What SAM and FunctionalSAM share: the two phases of a step, run from
     per-group plans (fsam_kernels/_plans.py; built or taken from the cache,
     then executed: one path for plain tensors, DTensor shards, base-optimizer
@@ -195,31 +193,18 @@ class _SAMBase(torch.optim.Optimizer):
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+            raise ValueError(f"backend: unknown backend {backend!r}; "
+                             f"expected one of {BACKEND_NAMES}")
+        max_grad_norm = check_options(
+            same_dropout_masks=same_dropout_masks, bn_clean_pass_only=bn_clean_pass_only,
+            max_grad_norm=max_grad_norm, ascent_sync=ascent_sync, model=model)
         given = {k: v for k, v in dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                         maximize=maximize).items() if v is not _UNSET}
-        if isinstance(given.get("betas"), list):
-            given["betas"] = tuple(given["betas"])
-        max_grad_norm = check_options(
-            backend=backend, backend_names=BACKEND_NAMES, same_dropout_masks=same_dropout_masks,
-            bn_clean_pass_only=bn_clean_pass_only, max_grad_norm=max_grad_norm,
-            ascent_sync=ascent_sync, model=model)
-        self._mode = FusedAdamW()
-        if base_optimizer is None:
-            if base_kwargs:
-                raise TypeError(f"{type(self).__name__}: unexpected keyword argument(s) "
-                                f"{sorted(base_kwargs)} (extra keywords go to base_optimizer, "
-                                "and none was given)")
-            defaults = dict(_ADAMW_DEFAULTS, **given, rho=rho, precondition=precondition)
-        else:
-            if not (isinstance(base_optimizer, type)
-                    and issubclass(base_optimizer, torch.optim.Optimizer)):
-                raise TypeError("base_optimizer: expected a torch.optim.Optimizer subclass "
-                                f"(e.g. torch.optim.SGD), got {base_optimizer!r}")
-            if issubclass(base_optimizer, _SAMBase):
-                raise TypeError("base_optimizer: cannot be SAM/FunctionalSAM itself")
-            defaults = dict(rho=rho, precondition=precondition)
-            self._mode = BaseOptimizer(None)   # groups are checked for SAM keys only
+        defaults, given = sam_defaults(type(self).__name__, base_optimizer, given, base_kwargs,
+                                       rho=rho, precondition=precondition, adamw=_ADAMW_DEFAULTS,
+                                       sam_base=_SAMBase)
+        # the update rule; in base mode the base is made once the groups exist
+        self._mode = FusedAdamW() if base_optimizer is None else BaseOptimizer(None)
         self._mode.validate(defaults, "")
         self.backend_name = backend
         self.same_dropout_masks = same_dropout_masks
@@ -295,26 +280,13 @@ class _SAMBase(torch.optim.Optimizer):
         already in another group, and ``TypeError``/``ValueError`` for invalid
         hyperparameters, naming the group.
         """
-        if isinstance(param_group.get("params"), Tensor):
-            param_group = dict(param_group, params=[param_group["params"]])
-        elif isinstance(param_group.get("params"), set):
-            raise TypeError("params: parameters must be an ordered collection, not a set")
-        else:
-            param_group = dict(param_group, params=list(param_group["params"]))
         idx = len(self.param_groups)
-        check_new_group_params(param_group["params"], idx,
-                               (id(p) for g in self.param_groups for p in g["params"]))
+        param_group = check_new_group(param_group, idx,
+                                      (id(p) for g in self.param_groups for p in g["params"]))
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-        if self._mode.base is None:      # fused AdamW, or base mode inside __init__
-            add = super().add_param_group
-            if self._base_mode:
-                validate_sam_keys(param_group, f"param_groups[{idx}].")
-                add(param_group)
-            else:
-                self._mode.add_param_group(self, param_group, f"param_groups[{idx}].", add)
-        else:                            # after __init__: the base owns the list
-            self._mode.add_param_group(self, param_group, f"param_groups[{idx}].", None)
+        self._mode.add_param_group(self, param_group, f"param_groups[{idx}].",
+                                   super().add_param_group)
         for p in param_group["params"]:
             self._backend(p.device)
 
@@ -341,42 +313,9 @@ class _SAMBase(torch.optim.Optimizer):
         return {p.device for g in self.param_groups for p in g["params"]}
 
     def _init_state(self, p: Tensor) -> Dict[str, Tensor]:
-        """``p``'s AdamW state: created at t = 0 (zeros, the parameter's layout;
-        DTensors for a DTensor parameter, as torch's optimizers keep it), or the
-        existing one following its parameter (``_match_state``)."""
-        state = self.state[p]
-        if len(state) == 0:
-            sd = _state_dtype(p)
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            fmt = {} if is_dtensor(p) else {"memory_format": torch.preserve_format}
-            state["exp_avg"] = torch.zeros_like(p, dtype=sd, **fmt)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, **fmt)
-        elif not is_dtensor(p):
-            self._match_state(p, state)
-        return state
-
-    @staticmethod
-    def _match_state(p: Tensor, state: Dict[str, Tensor]) -> None:
-        """Existing state follows its parameter after ``model.double()``,
-        ``model.to(memory_format=torch.channels_last)`` or ``model.to(device)``
-        between steps: exp_avg/exp_avg_sq are copied (values kept; float32 to
-        float64 exact, float64 to float32 rounded once, as
-        ``torch.optim.Optimizer.load_state_dict`` casts) to the dtype the
-        parameter's state has (``_state_dtype``) and to the parameter's device
-        and memory layout, and ``step`` to its device. A state tensor of another
-        shape is left alone (the backends raise, naming it)."""
-        sd = _state_dtype(p)
-        dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = state.get(key)
-            if not isinstance(t, Tensor) or t.shape != p.shape:
-                continue
-            if t.dtype != sd or t.device != p.device or (dense and t.stride() != p.stride()):
-                state[key] = torch.empty_like(p, dtype=sd, memory_format=torch.preserve_format
-                                              ).copy_(t)
-        t = state.get("step")
-        if isinstance(t, Tensor) and t.device != p.device:
-            state["step"] = t.to(p.device)
+        """``p``'s AdamW state (``_state_dict.init_state``: created at t = 0, or
+        following its parameter's dtype, device and layout)."""
+        return init_state(self.state, p)
 
     def _backup_for(self, p: Tensor) -> Tensor:
         """The backup of ``p``'s local tensor (a plain tensor, also for DTensors)."""
@@ -396,23 +335,8 @@ class _SAMBase(torch.optim.Optimizer):
             for k in [k for k in self._backups if id(k) not in live]:
                 del self._backups[k]
 
-    # -- found_inf flags, scales, norms ----------------------------------------
     def _flag(self, device: torch.device) -> Tensor:
-        f = self._found_inf.get(device)
-        if f is None:
-            f = self._found_inf[device] = torch.zeros((), dtype=torch.float32, device=device)
-        return f
-
-    def _set_flags(self, devs, found_inf: Optional[Tensor], merge: bool) -> None:
-        """The found_inf flag of every device in ``devs``: ``found_inf`` (or 0),
-        or with ``merge`` the maximum of the flag and ``found_inf``."""
-        for d in devs:
-            f = self._flag(d)
-            if found_inf is not None:
-                v = found_inf.to(d, torch.float32).reshape(())
-                f.copy_(torch.maximum(f, v) if merge else v)
-            elif not merge:
-                f.zero_()
+        return flag(self._found_inf, device)
 
     def _resolve_scale(self, grad_scale, grad_scaler, where: str) -> Optional[Tensor]:
         if grad_scaler is None:
@@ -420,71 +344,6 @@ class _SAMBase(torch.optim.Optimizer):
         if grad_scale is not None:
             raise ValueError(f"{where}: pass grad_scale or grad_scaler, not both")
         return _scaler_scale(grad_scaler)
-
-    @staticmethod
-    def _scale_on(grad_scale: Optional[Tensor], device) -> Optional[Tensor]:
-        if grad_scale is None:
-            return None
-        if not isinstance(grad_scale, Tensor) or grad_scale.numel() != 1:
-            raise TypeError("grad_scale: expected a 1-element float32 tensor")
-        return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
-
-    def _sq_norm(self, out: Dict, sharded: Dict, d, key, gs, vs, ts, *, pre: bool,
-                 beta2: float, eps: float, grad_scale, cache) -> None:
-        """One sq_norm call into the N² accumulator of ``(d, key)``: ``out[d]``
-        for whole tensors, ``sharded[key][d]`` (all-reduced later) for shards."""
-        per = out if key is None else sharded.setdefault(key, {})
-        acc = per.get(d)
-        if acc is None:
-            acc = per[d] = torch.zeros((), dtype=self._backend(d).norm_dtype, device=d)
-        self._backend(d).sq_norm(compile_safe_all(gs), vs, ts, beta2=beta2, eps=eps,
-                                 precondition=pre, grad_scale=self._scale_on(grad_scale, d),
-                                 out=compile_safe_out(acc), cache=cache)
-
-    @staticmethod
-    def _clip_grads(staged) -> Dict[Tuple[torch.device, Any], List[Tensor]]:
-        """The update gradients of every group, per (device, shard key), in group
-        and parameter order (the clip norm, the inf/NaN check)."""
-        clip: Dict[Tuple[torch.device, Any], List[Tensor]] = {}
-        for _, plan, grads in staged:
-            for c in plan.clip:
-                clip.setdefault((c.device, c.key), []).extend(c.get(grads))
-        return clip
-
-    def _clip_coefs(self, clip, grad_scale) -> Dict[torch.device, Tensor]:
-        """Per device min(1, max_grad_norm / (‖ĝ‖ + 1e-6)), ‖ĝ‖ over all groups,
-        devices and shards; a non-finite norm sets the flags. No host sync."""
-        n2: Dict[torch.device, Tensor] = {}
-        sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
-        for (d, key), gs in clip.items():
-            self._sq_norm(n2, sharded, d, key, gs, None, None, pre=False, beta2=0.0, eps=0.0,
-                          grad_scale=grad_scale, cache=None)
-        reduce_norm_sq(n2, sharded)
-        global_sum(n2)
-        coefs = {}
-        for d, n in n2.items():
-            f = self._flag(d)
-            f.copy_(torch.maximum(f, (~torch.isfinite(n)).to(f.dtype)))
-            coefs[d] = (self.max_grad_norm / (n.to(torch.float32).sqrt() + _CLIP_EPS)).clamp(max=1.0)
-        return coefs
-
-    def _mark_non_finite(self, clip, inv_scale: Optional[Dict] = None) -> None:
-        """found_inf |= any grad of ``clip`` not finite; multiplies the grads by
-        ``inv_scale[d]`` (1 when None: a check without changing a value), with
-        no host sync."""
-        by: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
-        for (d, _), gs in clip.items():
-            for g in gs:
-                by.setdefault((d, g.dtype), []).append(g)
-        for (d, _), gs in by.items():
-            inv = (inv_scale or {}).get(d)
-            if inv is None:
-                inv = torch.ones((), dtype=torch.float32, device=d)
-            torch._amp_foreach_non_finite_check_and_unscale_(gs, self._flag(d), inv)
-
-    @staticmethod
-    def _compile_safe_grads(gs, plan):
-        return gs if plan.cached else compile_safe_all(gs)
 
     # -- the two phases: plans built (or reused), then executed ------------------
     @torch.no_grad()
@@ -556,58 +415,21 @@ class _SAMBase(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._mode.validate(group, f"{where}: param_groups[{gi}].")
 
-    def _first_plans(self) -> list:
-        """``[(group, plan, grads as the kernels take them, per-call grads)]``
-        for first_step, every parameter and grad checked before anything moves."""
-        cache = self._plans
-        caching = cache.usable(self.state, len(self.param_groups))
-        staged, built = [], False
-        for gi, group in enumerate(self.param_groups):
-            params, pre = group["params"], group["precondition"]
-            grads = grads_of(params)
-            mask = grad_mask(grads) if caching else None
-            plan = cache.get(("first", gi)) if caching else None
-            if plan is None or not plan.valid(params, mask, pre):
-                entries = []
-                for i, p in enumerate(params):
-                    if grads[i] is not None:
-                        check_param(p, gi, i)
-                        entries.append(Entry(
-                            i, p, compile_safe_out(_local(p)), shard_key(p), True,
-                            compile_safe_out(self._backup_for(p)),
-                            self._mode.precond_state(self, p) if pre else None))
-                plan = FirstPlan.build(params, mask, pre, entries, cached=caching and all(
-                    map(is_plain, params)) and (not pre or self._mode.precond_cacheable))
-                if plan.cached:
-                    cache[("first", gi)] = plan
-                built = True
-            staged.append((gi, group, plan, grads))
-        if built and caching:             # a new plan may have created state
-            cache.remember(self.state)
-        if built or len(self.param_groups) != self._step_vars.get("n_groups"):
-            self._prune_backups()
-        out = []
-        for gi, group, plan, grads in staged:     # every grad checked before any change
-            for c in plan.calls:
-                check_grads(gi, c.idx, c.get(grads), c.shapes, group["params"], "pass-1")
-            grads = plan.grads(grads)
-            out.append((group, plan, grads, [c.get(grads) for c in plan.calls]))
-        return out
-
     def _first_step_impl(self, grad_scale, found_inf) -> None:
         """first_step's work: N² over all groups (SPEC §1), then the perturbation."""
-        staged = self._first_plans()
-        self._set_flags({d for _, plan, _, _ in staged for d in plan.devs}, found_inf, False)
+        staged = first_plans(self)
+        set_flags(self._found_inf, {d for _, plan, _, _ in staged for d in plan.devs}, found_inf,
+                  False)
         norm_sq: Dict[torch.device, Tensor] = {}
         sharded: Dict[Any, Dict[torch.device, Tensor]] = {}
         for group, plan, _, gss in staged:
             pre = plan.pre
             for c, gs in zip(plan.calls, gss):
-                self._sq_norm(norm_sq, sharded, c.device, c.key, gs, c.vs if pre else None,
-                              c.ts if pre else None, pre=pre,
-                              beta2=group["betas"][1] if pre else 0.0,
-                              eps=group["eps"] if pre else 0.0, grad_scale=grad_scale,
-                              cache=c.cache)
+                sq_norm_into(self._backend(c.device), norm_sq, sharded, c.device, c.key, gs,
+                             c.vs if pre else None, c.ts if pre else None, pre=pre,
+                             beta2=group["betas"][1] if pre else 0.0,
+                             eps=group["eps"] if pre else 0.0, grad_scale=grad_scale,
+                             cache=c.cache)
         reduce_norm_sq(norm_sq, sharded)
         global_sum(norm_sq)
         done = self._step_vars.get("perturb_calls")
@@ -617,11 +439,11 @@ class _SAMBase(torch.optim.Optimizer):
                 d = c.device
                 be = self._backend(d)
                 be.perturb(
-                    c.ps, self._compile_safe_grads(gs, plan), c.bs, c.vs if pre else None,
+                    c.ps, plan.kernel_grads(gs), c.bs, c.vs if pre else None,
                     c.ts if pre else None, rho=group["rho"], norm_sq=norm_sq[d],
                     norm_eps=self.norm_eps, beta2=group["betas"][1] if pre else 0.0,
                     eps=group["eps"] if pre else 0.0, precondition=pre,
-                    grad_scale=self._scale_on(grad_scale, d), found_inf=self._flag(d),
+                    grad_scale=scale_on(grad_scale, d), found_inf=self._flag(d),
                     cache=c.cache)
                 if done is not None:      # undone if a later call raises
                     done.append((be, c.ps, c.bs))
@@ -678,100 +500,20 @@ class _SAMBase(torch.optim.Optimizer):
         self.last_step_skipped = flags[0] if len(flags) == 1 else (
             torch.stack([f.cpu() for f in flags]).any() if flags else None)
         if grad_scaler is not None and grad_scaler.is_enabled():
-            self._record_in_scaler(grad_scaler)
+            record_in_scaler(self, grad_scaler)
         # torch's lr schedulers wrap optimizer.step and read this flag
         # (torch/optim/lr_scheduler.py, patch_track_step_called)
         self._opt_called = True
         if not self._step_vars.get("in_step"):
             run_step_hooks(self, pre=False)
 
-    def _second_plan(self, gi, group, grads, mask, bmap, pg, bg, cacheable) -> SecondPlan:
-        params = group["params"]
-        entries = []
-        for i, p in enumerate(params):
-            b = bmap.get(id(p))
-            if grads[i] is not None or b is not None:
-                entries.append(Entry(
-                    i, p, compile_safe_out(_local(p)), shard_key(p), grads[i] is not None, b,
-                    self._mode.update_state(self, p) if grads[i] is not None else None))
-        return SecondPlan.build(params, mask, entries, pg, bg, cached=cacheable and all(
-            map(is_plain, params)))
-
-    def _second_plans(self, perturbed) -> Tuple[list, list]:
-        """``([(group, plan, grads)], perturbed parameters in no group now)`` for
-        second_step, every grad checked before anything changes. Groups
-        reordered, replaced, added or removed since first_step: every perturbed
-        parameter found by identity wherever it is now (plans used once)."""
-        cache = self._plans
-        caching = cache.usable(self.state, len(self.param_groups))
-        pb = self._step_vars.get("perturbed_backups")
-        pbk = pb[1] if pb is not None and pb[0] is perturbed else None
-        staged = []
-        for gi, group in enumerate(self.param_groups):
-            grads = grads_of(group["params"])
-            mask = grad_mask(grads) if caching else None
-            pg = perturbed[gi] if gi < len(perturbed) else []
-            bg = pbk[gi] if pbk is not None and gi < len(pbk) else None
-            plan = cache.get(("second", gi)) if caching else None
-            if plan is not None and not plan.valid(group["params"], mask, pg, bg):
-                plan = None
-            staged.append([gi, group, plan, grads, mask, pg, bg])
-        for gi, group, plan, grads, *_ in staged:    # before a new plan creates state
-            if plan is None:
-                check_group_grads(gi, group["params"], grads, "pass-2")
-            else:
-                for c in plan.clip:
-                    check_grads(gi, c.idx, c.get(grads), c.shapes, group["params"], "pass-2")
-
-        def backups_of(pg, bg):
-            return (dict(zip(map(id, pg), bg)) if bg is not None
-                    else {id(p): self._backups[p] for p in pg})
-
-        built, aligned = False, not any(perturbed[len(staged):])
-        for st in staged:
-            if st[2] is None:
-                gi, group, _, grads, mask, pg, bg = st
-                st[2] = self._second_plan(gi, group, grads, mask, backups_of(pg, bg), pg, bg,
-                                          caching)
-                built = True
-            aligned = aligned and st[2].matched == len(st[5])
-        leftover = []
-        if not aligned:        # groups changed since first_step: one map of all backups
-            bmap = {}
-            for gi, plist in enumerate(perturbed):
-                bmap.update(backups_of(plist, pbk[gi] if pbk is not None else None))
-            for st in staged:
-                gi, group, _, grads, mask, pg, bg = st
-                st[2] = self._second_plan(gi, group, grads, mask, bmap, pg, bg, False)
-            seen = {id(p) for g in self.param_groups for p in g["params"]}
-            leftover = [p for plist in perturbed for p in plist if id(p) not in seen]
-        for gi, _, plan, *_ in staged:
-            if plan.cached:
-                cache[("second", gi)] = plan
-        if built and caching:
-            cache.remember(self.state)
-        return [(st[1], st[2], st[2].grads(st[3])) for st in staged], leftover
-
     def _second_step_impl(self, perturbed, grad_scale, found_inf) -> None:
         """second_step's work: the plans, the flags, the update rule (``_mode``)."""
-        staged, leftover = self._second_plans(perturbed)
+        staged, leftover = second_plans(self, perturbed)
         devs = {d for _, plan, _ in staged for d in plan.devs}
-        self._set_flags(devs, found_inf, True)
+        set_flags(self._found_inf, devs, found_inf, True)
         self._mode.second_step(self, staged, devs, grad_scale)
         self._restore_perturbed([leftover])       # removed from the groups since
-
-    def _record_in_scaler(self, scaler) -> None:
-        """Record this step's inf/NaN outcome in the scaler, as torch's fused
-        optimizers do, so that ``scaler.update()`` backs off after a skip."""
-        from torch.amp.grad_scaler import OptState
-
-        st = scaler._per_optimizer_states[id(self)]
-        if st["stage"] is OptState.STEPPED:
-            raise RuntimeError("grad_scaler: step already recorded since the last "
-                               "scaler.update(); call scaler.update() once per step")
-        dev = scaler._scale.device
-        st["found_inf_per_device"] = {dev: self.last_step_skipped.to(dev, torch.float32)}
-        st["stage"] = OptState.STEPPED
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -806,97 +548,6 @@ class _SAMBase(torch.optim.Optimizer):
             return self._backups[p]
         return p
 
-    # -- closure API ----------------------------------------------------------
-    def mark_output(self, output: Tensor) -> Tensor:
-        """Mark the model output for Functional-SAM in a closure that runs backward
-        itself (torch.optim convention, Lightning's automatic optimization), or in
-        a hand-written loop; ``z = opt.mark_output(model(x))``, loss from ``z``.
-
-        ``output``: the model output tensor (any shape and floating dtype; for a
-        transformers ModelOutput pass ``.logits``). With no ``first_step()``
-        pending (pass 1) it returns ``output`` itself and records the cotangent
-        c0 = ∂ℓ/∂output that the caller's ``loss.backward()`` produces (one record
-        per call: mark every micro-batch). With a ``first_step()`` pending (pass 2)
-        it returns a tensor equal to ``output`` whose backward hands on the
-        oldest record's c0 instead of the incoming gradient, so the caller's
-        ``loss.backward()`` accumulates J(θ+e)ᵀ c0 into ``.grad`` (SPEC §2). Loss
-        terms that do not pass through marked outputs (a weight penalty) add
-        their own gradient at θ+e, as in the forward-only closure. For ``SAM``, under
-        ``torch.no_grad()`` and for outputs that do not require grad it returns
-        ``output`` unchanged and records nothing.
-
-        Raises ``TypeError`` for a non-tensor; ``RuntimeError`` in pass 2 when
-        more outputs are marked than in pass 1, when the pass-1 output received
-        no gradient, or when the shapes differ.
-        """
-        return _closure.mark_output(self, output)
-
-    @with_step_hooks
-    def step(self, closure: Optional[Callable[[], Any]] = None, *,
-             grad_scaler=None) -> Optional[Tensor]:
-        """One SAM step: pass 1, ascent, pass 2, descent. Returns the pass-1 loss.
-
-        ``closure`` takes one of two forms (docs/loops.md, "The closure API"):
-
-        * forward only: it returns ``(output, loss)``: the model output (tensor,
-          tuple or dict of tensors) and the scalar loss. Do not call
-          ``backward`` or ``zero_grad`` inside it: the optimizer sets grads to
-          None and runs the backward passes itself (SAM: ``loss.backward()`` in
-          both passes; Functional-SAM: pass 2 runs ``loss.backward()`` with the
-          gradient arriving at the output replaced by the pass-1 cotangent c0,
-          SPEC §2, so loss terms that bypass the output keep their gradient).
-        * back-propagating (torch.optim convention, Lightning's automatic
-          optimization): it zeroes the grads, runs forward and
-          ``loss.backward()`` itself and returns the loss (a tensor, or None
-          when it skipped the batch: then nothing is done and None is
-          returned). It is called at θ (pass 1) and at θ + e (pass 2, grads set
-          to None before). Grads that existed before the call must not be
-          accumulated into (``RuntimeError``: a closure cannot re-run earlier
-          micro-batches in pass 2). Functional-SAM needs the model output
-          marked with :meth:`mark_output` inside the closure (``ValueError``
-          otherwise). If pass 2 returns None without a backward, θ is restored,
-          the update skipped and ``last_step_skipped`` set.
-
-        With ``same_dropout_masks`` (default) the RNG state is restored before
-        pass 2 so dropout draws the same masks; with ``model=`` and
-        ``bn_clean_pass_only`` (default) BatchNorm statistics are restored after
-        pass 2; with ``ascent_sync="local"`` pass 1 runs under
-        ``model.no_sync()``.
-
-        With a ``first_step()`` pending, ``step()`` completes it: it runs
-        ``second_step()`` on the current (pass-2) grads and returns None, so
-        wrappers that call ``optimizer.step()`` after the user's own pass 2
-        (accelerate / the Hugging Face Trainer, Lightning's manual
-        optimization) count the step. A closure given then is called once
-        and must run no backward and return None (Lightning's do-nothing
-        closure); otherwise ``RuntimeError``.
-
-        ``grad_scaler`` (forward-only form only): an fp16
-        ``torch.amp.GradScaler``: both losses are
-        scaled (Functional-SAM's c0 comes from the scaled loss), each pass's
-        grads are unscaled once inside the kernels, both passes are checked
-        for inf/NaN, a bad step is skipped atomically (θ bitwise unchanged,
-        state unchanged, ``last_step_skipped`` true) and recorded in the
-        scaler; call ``scaler.update()`` after the step.
-        ``scaler.step(opt, closure)`` is the same call (GradScaler passes
-        itself as ``grad_scaler``); ``scaler.step(opt)`` without a closure
-        raises ``RuntimeError`` pointing here.
-
-        Raises ``TypeError`` if ``closure`` is missing (nothing pending) or
-        returns the wrong thing, ``ValueError`` if the loss or output does not
-        depend on the parameters, ``RuntimeError`` for a forward-only closure
-        that already ran backward (the message names the fix). If pass 2
-        raises, θ is restored before re-raising.
-        """
-        return run_closure_step(self, closure, grad_scaler)
-
-    def _pass1_backward(self, output, loss):
-        loss.backward()
-        return None
-
-    def _pass2_backward(self, output, loss, cot):
-        loss.backward()
-
     # -- copy / pickle / state_dict ----------------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
         """Everything but the cached plans (rebuilt on the next step): torch's
@@ -927,22 +578,7 @@ class _SAMBase(torch.optim.Optimizer):
         a shallow copy as in torch) and ``register_load_state_dict_post_hook``
         (``hook(optimizer)``) run before and after loading.
         """
-        if not isinstance(state_dict, dict):
-            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', got "
-                             f"{type(state_dict).__name__}")
-        state_dict = state_dict.copy()      # shallow, as torch (hooks may edit it)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
-        self._mode.check_saved_groups(self, state_dict["param_groups"])
-        self.restore()          # a pending first_step is abandoned: θ bitwise back first
-        self._mode.load_state_dict(self, state_dict)
-        self._perturbed = None
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        load_state_dict(self, state_dict)
 
 
 class SAM(_SAMBase):
