@@ -415,6 +415,10 @@ class CotangentRecorder:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def __bool__(self) -> bool:
+        # always true: `if rec:` must not depend on whether records are held
+        return True
+
     def pending(self) -> int:
         """Records of the optimizer's current step not replayed yet (0 without
         an optimizer, or with no first_step() pending)."""

@@ -201,7 +201,7 @@ def _run(model, cls, precondition, head, batches, amp, steps=2):
                 if head == "fused":
                     h1 = model.hidden(x)
                     if rec is not None:
-                        rec.replay(h1)
+                        rec.replay(h1, y)          # labels checked against the record
                     else:
                         (model.head(h1, y).loss / k).backward()
                 else:
@@ -359,6 +359,60 @@ def test_recorder_errors():
     with pytest.raises(RuntimeError, match=r"first_step\(\) is pending"):
         rec.capture(model.head(model.hidden(x), y))
     opt.restore()
+
+
+def test_narrow_integer_labels_equal_int64():
+    """uint8 / int16 / int32 / uint16 labels (values that fit the type, V larger than its
+    range) give the int64 result; out-of-range values are still named."""
+    torch.manual_seed(3)
+    for dtype, v, vals in ((torch.uint8, 300, [1, 2, 255]), (torch.int16, 40000, [1, 32767, 7]),
+                           (torch.int8, 200, [1, 127, 0]), (torch.int32, 50, [0, 49, 3]),
+                           (torch.uint16, 70000, [1, 65535, 9])):
+        h = torch.randn(3, 4, dtype=torch.float64)
+        w = torch.randn(v, 4, dtype=torch.float64)
+        y = torch.tensor(vals, dtype=dtype)
+        ref = F.cross_entropy(h @ w.T, y.long())
+        got = fused_linear_cross_entropy(h, w, y, chunk_size=64)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0, msg=str(dtype))
+    with pytest.raises(ValueError, match=r"labels: value 255 is outside \[0, 200\)"):
+        fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(200, 4),
+                                   torch.tensor([1, 255], dtype=torch.uint8))
+
+
+def test_replay_order_checked_with_labels():
+    """Micro-batches replayed in another order than pass 1's (equal shapes) raise when
+    replay() gets the labels, before the record is removed; in order they pass."""
+    torch.manual_seed(16)
+    model = TinyLM()
+    batches = _batches(2)
+    assert not torch.equal(batches[0][1], batches[1][1])
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    rec = HeadRecorder(opt)
+    assert rec and CotangentRecorder()      # truthy even when empty (`if rec:` is safe)
+    for x, y in batches:
+        (rec.capture(model.head(model.hidden(x), y)).loss / 2).backward()
+    opt.first_step()
+    opt.zero_grad()
+    (x1, y1) = batches[1]
+    with pytest.raises(ValueError, match="labels: the pass-2 labels differ"):
+        rec.replay(model.hidden(x1), y1)
+    assert len(rec) == 2
+    for x, y in batches:
+        rec.replay(model.hidden(x), y)
+    assert len(rec) == 0
+    opt.second_step()
+
+
+def test_computed_head_weight_is_explained():
+    """A head weight computed from a parameter (muP-style scale) cannot give
+    Functional-SAM its backup: the error says it is a computed tensor."""
+    torch.manual_seed(17)
+    model = TinyLM()
+    (x, y), = _batches(1)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    head = FusedLinearCrossEntropy(lambda: model.lm_head.weight * 0.5)
+    with pytest.raises(ValueError, match="weight: .*computed tensor, made by MulBackward0"):
+        HeadRecorder(opt).capture(head(model.hidden(x), y))
 
 
 def test_closure_errors():

@@ -577,3 +577,26 @@ def test_integration_examples_run(script, args, monkeypatch, capsys):
         runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert "steps" in out or "global_step" in out
+
+
+@needs_hf
+def test_sam_trainer_sam_kwargs_base_optimizer_and_overrides(tmp_path):
+    """sam_kwargs with a base_optimizer (SGD) gets only lr from TrainingArguments (no
+    AdamW betas/eps), and sam_kwargs' own betas win over TrainingArguments'."""
+    ds = _Tokens()
+    t = _SequentialSAMTrainer(model=_gpt2(), args=_args(tmp_path / "a", max_steps=1,
+                                                        learning_rate=0.05),
+                              train_dataset=ds,
+                              sam_kwargs={"rho": 0.05, "backend": BACKEND,
+                                          "base_optimizer": torch.optim.SGD, "momentum": 0.9})
+    t.train()
+    opt = t.optimizer.optimizer
+    assert isinstance(opt, SAM)
+    g = opt.param_groups[0]
+    assert g["momentum"] == 0.9 and "betas" not in g and "eps" not in g
+    assert g["initial_lr"] == 0.05                     # TrainingArguments' learning_rate
+    t2 = _SequentialSAMTrainer(model=_gpt2(), args=_args(tmp_path / "b", max_steps=1),
+                               train_dataset=ds,
+                               sam_kwargs={"rho": 0.05, "backend": BACKEND, "betas": (0.8, 0.9)})
+    t2.train()
+    assert t2.optimizer.optimizer.param_groups[0]["betas"] == (0.8, 0.9)

@@ -145,9 +145,12 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: 
                         "cast one of them, or run the head under torch.autocast")
     v = weight.shape[0]
     if labels.numel():
-        bad = ((labels < 0) | (labels >= v)) & (labels != ignore_index)
+        # compared in int64: a narrow label dtype (uint8, int16, ...) cannot hold V or
+        # ignore_index, and some (uint16, uint32) have no comparison kernels
+        lab = labels.to(torch.int64)
+        bad = ((lab < 0) | (lab >= v)) & (lab != ignore_index)
         if bool(bad.any()):
-            val = int(labels[bad].flatten()[0])
+            val = int(lab[bad].flatten()[0])
             raise ValueError(f"labels: value {val} is outside [0, {v}) (the vocabulary of the "
                              f"weight, shape {tuple(weight.shape)}) and is not "
                              f"ignore_index={ignore_index}")
@@ -469,13 +472,17 @@ class HeadRecorder:
         if not hasattr(optimizer, "clean_param"):
             raise TypeError(f"optimizer: expected a fsam_kernels optimizer (with clean_param), "
                             f"got {type(optimizer).__name__}")
-        from ..functional import register_recorder
+        from ..cotangent import register_recorder
         self.optimizer = optimizer
         self._records: deque = deque()
         register_recorder(optimizer, self)
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def __bool__(self) -> bool:
+        # always true: `if rec:` must not depend on whether records are held
+        return True
 
     def clear(self) -> None:
         """Forget every record."""
@@ -484,7 +491,7 @@ class HeadRecorder:
     def pending(self) -> int:
         """Records of the optimizer's current step (pass 1 before the pending
         ``first_step()``) not replayed yet; 0 with no first_step() pending."""
-        from ..functional import step_generation
+        from ..cotangent import step_generation
         if not self._pending():
             return 0
         now = step_generation(self.optimizer)
@@ -495,9 +502,14 @@ class HeadRecorder:
             try:
                 self.optimizer.clean_param(w)
             except ValueError:
+                computed = w.grad_fn is not None
                 raise ValueError(
                     f"weight: the head weight (shape {tuple(w.shape)}) is not among the "
-                    "optimizer's parameters; Functional-SAM rebuilds c0 from the optimizer's "
+                    "optimizer's parameters"
+                    + (" (it is a computed tensor, made by "
+                       f"{type(w.grad_fn).__name__}; Functional-SAM needs the parameter itself: "
+                       "apply a scale to the hidden states or the loss instead)" if computed else "")
+                    + "; Functional-SAM rebuilds c0 from the optimizer's "
                     "backup of it (pass the head weight, or the tied embedding, to the "
                     "optimizer)") from None
 
@@ -514,7 +526,7 @@ class HeadRecorder:
                             "or in pass 2); capture the pass-1 call's output")
         if record.captured:
             raise RuntimeError("HeadRecorder.capture: this output was captured already")
-        from ..functional import _stale_capture_error, step_generation
+        from ..cotangent import _stale_capture_error, step_generation
         if self._pending():
             raise RuntimeError("HeadRecorder.capture: a first_step() is pending (pass 2); "
                                "capture the pass-1 head outputs, replay() in pass 2")
@@ -544,7 +556,7 @@ class HeadRecorder:
 
     def _peek(self) -> _Record:
         """The oldest record, checked (generation, received) but not removed."""
-        from ..functional import _check_replay_generation
+        from ..cotangent import _check_replay_generation
         if not self._records:
             raise RuntimeError("HeadRecorder.replay: no record left; capture() each pass-1 "
                                "head output before its backward, and replay each once")
@@ -577,6 +589,7 @@ class HeadRecorder:
         if tuple(labels.shape) != tuple(record.shape[:-1]):
             raise ValueError(f"labels: pass-2 shape {tuple(labels.shape)} differs from the "
                              f"recorded {record.shape[:-1]}")
+        self._check_labels(record, labels)
         loss = self._replay_fn(record, hidden)
         out = HeadOutput(loss=loss)
         object.__setattr__(out, "_record", None)
@@ -596,12 +609,33 @@ class HeadRecorder:
         h1 = hidden.reshape(-1, hidden.shape[-1])
         return _Replay.apply(h1, record.weight, record, w0)
 
-    def replay(self, hidden: Tensor) -> None:
+    @staticmethod
+    def _check_labels(record: _Record, labels: Tensor) -> None:
+        """``ValueError`` naming ``labels`` when pass 2's labels are not the
+        recorded micro-batch's (micro-batches replayed out of order, or other data)."""
+        if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(record.shape[:-1]):
+            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"labels: pass-2 labels have shape {got}, the pass-1 record has "
+                             f"{record.shape[:-1]}")
+        if labels.device != record.labels.device or not torch.equal(
+                labels.reshape(-1).to(torch.int64), record.labels):
+            raise ValueError("labels: the pass-2 labels differ from those of the oldest pass-1 "
+                             "record; replay the micro-batches of pass 1 in the same order")
+
+    def replay(self, hidden: Tensor, labels: Optional[Tensor] = None) -> None:
         """Pass 2 of the oldest record: backward of the head at θ+e with its
         c0, through ``hidden`` (the head's input at θ+e, same shape as in
         pass 1) and the head weight; accumulates J(θ+e)ᵀ c0 into ``.grad``.
-        The logits are not computed."""
+        The logits are not computed.
+
+        ``labels`` (optional, the micro-batch's labels as given in pass 1) are
+        checked against the record, so that micro-batches replayed in another
+        order than pass 1's raise ``ValueError`` instead of pairing one
+        micro-batch's c0 with another's hidden states (with equal shapes
+        nothing else can tell). Pass them where the loop can."""
         record = self._peek()
+        if labels is not None:
+            self._check_labels(record, labels)
         surrogate = self._replay_fn(record, hidden)     # checks hidden before the pop
         self._records.popleft()
         torch.autograd.backward(surrogate, record.grad_output.to(surrogate.dtype))

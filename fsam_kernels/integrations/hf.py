@@ -71,7 +71,9 @@ class SAMTrainer(Trainer):
             with neither, the optimizer is ``sam_class`` built on Trainer's
             parameter groups (weight decay on all but biases and norms, as for
             AdamW) with ``lr=args.learning_rate``, ``betas=(args.adam_beta1,
-            args.adam_beta2)``, ``eps=args.adam_epsilon`` and ``sam_kwargs``.
+            args.adam_beta2)``, ``eps=args.adam_epsilon`` (not with a
+            ``base_optimizer`` in ``sam_kwargs``: it gets only ``lr``) and
+            ``sam_kwargs``, whose values take precedence.
         sam_class (type): ``SAM`` (default) or ``FunctionalSAM``, for the
             default optimizer.
         sam_kwargs (dict or None): more keywords for it, e.g.
@@ -101,9 +103,13 @@ class SAMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             a = self.args
-            self.optimizer_cls_and_kwargs = (sam_class, dict(
-                lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                **(sam_kwargs or {})))
+            kw: Dict[str, Any] = dict(lr=a.learning_rate)
+            if (sam_kwargs or {}).get("base_optimizer") is None:
+                # AdamW's settings from TrainingArguments; a base_optimizer (SGD, ...) gets
+                # only lr and what sam_kwargs gives it
+                kw.update(betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+            kw.update(sam_kwargs or {})     # sam_kwargs win over TrainingArguments
+            self.optimizer_cls_and_kwargs = (sam_class, kw)
         self._sam_window: List[tuple] = []     # (inputs, rng state) of this step's micro-batches
         self._sam_cotangents: List[Optional[Tensor]] = []
         self._sam_phase = 0                     # 1 or 2 while a pass runs, else 0
