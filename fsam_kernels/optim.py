@@ -159,13 +159,14 @@ def _scaler_scale(grad_scaler) -> Optional[Tensor]:
 
 
 class _SAMBase(ClosureAPI, torch.optim.Optimizer):
-    """What SAM and FunctionalSAM share: the two phases of a step, run from
-    per-group plans (fsam_kernels/_plans.py; built or taken from the cache,
-    then executed: one path for plain tensors, DTensor shards, base-optimizer
-    mode and torch.compile), and the update rule as a strategy (``_mode``,
-    fsam_kernels/_base_mode.py). Checks: _validation.py; state dicts:
-    _state_dict.py; sharded norms and flags: distributed.py; ``step(closure)``:
-    _sam_step.py."""
+    """What SAM and FunctionalSAM share: the two phases of a step, each one
+    path for plain tensors, DTensor shards, base-optimizer mode and
+    torch.compile: build or reuse one plan per group (_staging.py hands the
+    plans plain tensors, _plans.py caches them in eager mode), then execute
+    it; the update rule is a strategy (``_mode``, _base_mode.py). Checks:
+    _validation.py; state and state dicts: _state_dict.py; norms and found_inf
+    flags: _norms.py and distributed.py; ``step(closure)`` and
+    ``mark_output``: ``ClosureAPI`` (_sam_step.py)."""
 
     _functional = False
     # GradScaler must not unscale our grads itself: step() refuses scaler.step(opt)
@@ -517,7 +518,8 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Running statistics of every training BatchNorm in a module, restorable exactly."""
+        """Undo a pending ``first_step()``: θ + e → θ (bitwise), no update
+        (and no step hooks: the step did not happen)."""
         if self._perturbed is None:
             return
         try:
