@@ -99,7 +99,7 @@ def run_closure_step(opt, closure, grad_scaler):
                 if loss2 is _closure.SKIPPED:
                     _closure.warn_pass2_skipped()
                     opt.restore()
-                    opt.last_step_skipped = torch.tensor(True)
+                    opt._set_var("last_step_skipped", torch.tensor(True))
                     return loss
                 if opt._functional and _closure.marks_count(opt):
                     raise RuntimeError(

@@ -92,7 +92,7 @@ def load_state_dict(opt, state_dict: Dict[str, Any]) -> None:
     opt._mode.check_saved_groups(opt, state_dict["param_groups"])
     opt.restore()          # a pending first_step is abandoned: θ bitwise back first
     opt._mode.load_state_dict(opt, state_dict)
-    opt._perturbed = None
+    opt._set_var("perturbed", None)
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
 

@@ -70,8 +70,18 @@ def _theta_changed() -> None:
     low-precision copies of the weights (``torch.clear_autocast_cache``; one
     thread-local cache for every device type and dtype), which were made at the
     old θ. Without this a pass 2 inside the same ``torch.autocast`` block as
-    pass 1 would compute at θ (the cast copies), not θ + e."""
-    torch.clear_autocast_cache()
+    pass 1 would compute at θ (the cast copies), not θ + e.
+
+    Only inside an enabled autocast region: the cache is emptied whenever the
+    outermost region exits, so outside one there is nothing to drop, and
+    skipping the call there keeps compiled phases free of graph breaks on
+    torch versions whose dynamo cannot trace it (2.11; 2.13 traces it)."""
+    if any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICE_TYPES):
+        torch.clear_autocast_cache()
+
+
+#: device types whose autocast state ``_theta_changed`` looks at
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 #: backends whose steps run eagerly inside a torch.compile'd region (one graph
@@ -219,9 +229,9 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
         self._step_vars: Dict[str, Any] = {}
         #: cached per-group launch plans (_plans.py)
         self._plans = PlanCache()
-        self._perturbed = None
+        self._set_var("perturbed", None)
         self._found_inf: Dict[torch.device, Tensor] = {}
-        self.last_step_skipped = None
+        self._set_var("last_step_skipped", None)
         if isinstance(params, (set, frozenset)):
             raise TypeError("params: a set has no order (the state_dict depends on it); "
                             "pass a list, e.g. list(model.parameters())")
@@ -248,7 +258,16 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
 
     # Values a step writes are kept in one dict behind properties: inside
     # torch.compile'd first_step/second_step, dynamo drops attribute stores on
-    # an Optimizer object but keeps dict stores (checked with torch 2.13).
+    # an Optimizer object but keeps dict stores (torch 2.13), and torch 2.11's
+    # dynamo refuses a property setter outright ("Attempted setattr on a
+    # user-defined object..."). So the library's own code writes them with
+    # _set_var (a dict store, traced by both); the setters are for users.
+    def _set_var(self, name: str, value) -> None:
+        """``_step_vars[name] = value`` (the store every step-path write uses)."""
+        self._step_vars[name] = value
+        if name == "perturbed":
+            self._step_vars["perturbed_backups"] = None   # set by first_step after it
+
     def _var(name: str, default=None, doc: Optional[str] = None):
         def fset(self, value) -> None:
             self._step_vars[name] = value
@@ -270,8 +289,7 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
 
     @_perturbed.setter
     def _perturbed(self, value) -> None:
-        self._step_vars["perturbed"] = value
-        self._step_vars["perturbed_backups"] = None   # set by first_step after it
+        self._set_var("perturbed", value)
 
     # -- groups, backends, state ------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -400,7 +418,7 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
         except BaseException:
             for be, ps, bs in done:       # θ bitwise back, as before the call
                 be.restore(ps, bs)
-            self._perturbed = None
+            self._set_var("perturbed", None)
             raise
         finally:
             self._step_vars["perturb_calls"] = None
@@ -449,11 +467,11 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
                 if done is not None:      # undone if a later call raises
                     done.append((be, c.ps, c.bs))
         perturbed = [plan.perturbed for _, plan, _, _ in staged]
-        self._perturbed = perturbed
+        self._set_var("perturbed", perturbed)
         # the backups of ``perturbed`` in the same order, for second_step
         self._step_vars["perturbed_backups"] = (perturbed,
                                                 [plan.backups for _, plan, _, _ in staged])
-        self._last_norm_sq = norm_sq
+        self._set_var("last_norm_sq", norm_sq)
 
     @torch.no_grad()
     def second_step(self, grad_scale: Optional[Tensor] = None,
@@ -496,15 +514,15 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
             self._phase(self._second_step_impl)(self._perturbed, grad_scale, found_inf)
         finally:
             _theta_changed()
-        self._perturbed = None
+        self._set_var("perturbed", None)
         flags = [f != 0 for f in self._found_inf.values()]
-        self.last_step_skipped = flags[0] if len(flags) == 1 else (
-            torch.stack([f.cpu() for f in flags]).any() if flags else None)
+        self._set_var("last_step_skipped", flags[0] if len(flags) == 1 else (
+            torch.stack([f.cpu() for f in flags]).any() if flags else None))
         if grad_scaler is not None and grad_scaler.is_enabled():
             record_in_scaler(self, grad_scaler)
         # torch's lr schedulers wrap optimizer.step and read this flag
         # (torch/optim/lr_scheduler.py, patch_track_step_called)
-        self._opt_called = True
+        self._set_var("opt_called", True)
         if not self._step_vars.get("in_step"):
             run_step_hooks(self, pre=False)
 
@@ -526,7 +544,7 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
             self._phase(self._restore_perturbed)(self._perturbed)
         finally:
             _theta_changed()
-        self._perturbed = None
+        self._set_var("perturbed", None)
 
     def _restore_perturbed(self, perturbed) -> None:
         """p ← backup for every parameter in ``perturbed`` (lists per group)."""
