@@ -184,6 +184,8 @@ def mark_output(opt, output: Tensor) -> Tensor:
             f"mark_output: the pass-2 output has shape {tuple(output.shape)}, the pass-1 "
             f"output of this micro-batch had {rec.shape}; pass 2 must see the same "
             "micro-batches in the same order")
+    from .cotangent import note_replay
+    note_replay(opt)
     return _SubstituteCotangent.apply(output, rec.cotangent.to(output.dtype))
 
 

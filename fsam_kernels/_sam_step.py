@@ -55,6 +55,15 @@ def run_closure_step(opt, closure, grad_scaler):
     rng = _RNGState(opt._devices()) if opt.same_dropout_masks else None
     sync = (opt.model.no_sync() if opt.ascent_sync == "local"
             else contextlib.nullcontext())
+    from .cotangent import held_records
+    held = held_records(opt)
+    if held:
+        # records of a hand-written pass 1 that never reached first_step(): this
+        # step's pass 2 could not replay them, and would fail with θ perturbed
+        raise RuntimeError(
+            f"step(closure): {held} record(s) captured by a CotangentRecorder/HeadRecorder "
+            "of this optimizer are left over from a pass 1 that was not stepped; step(closure) "
+            "records its own: call the recorder's clear() first (nothing was changed)")
     snap = _closure.GradSnapshot(opt.param_groups)
     _closure.clear_marks(opt)      # the marks of this step's closure calls only
     with torch.enable_grad(), sync:
@@ -124,7 +133,13 @@ def run_closure_step(opt, closure, grad_scaler):
         _closure.clear_marks(opt)
         opt.restore()
         raise
-    opt.second_step(grad_scaler=scaler)
+    try:
+        opt.second_step(grad_scaler=scaler)
+    except BaseException:
+        # step(closure) never leaves θ perturbed: the caller did not call first_step()
+        _closure.clear_marks(opt)
+        opt.restore()
+        raise
     return loss.detach() if isinstance(loss, Tensor) else loss
 
 

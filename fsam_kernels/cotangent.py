@@ -25,6 +25,7 @@ Example (manual two-phase loop with accumulation)::
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -52,6 +53,48 @@ def register_recorder(optimizer: Any, recorder: Any) -> None:
     optimizer._step_vars["recorders"] = True
 
 
+#: replays by recorders bound to no optimizer (CotangentRecorder() without
+#: ``optimizer=``): FunctionalSAM.second_step compares it with its value at
+#: first_step, since such a replay cannot say which optimizer it served
+_UNBOUND_REPLAYS = [0]
+
+
+def note_replay(optimizer: Any) -> None:
+    """Count one pass-2 backward with recorded cotangents (J(θ+e)ᵀ c0) for
+    ``optimizer`` (None: a recorder bound to no optimizer).
+    ``FunctionalSAM.second_step()`` refuses a step with none (its pass 2 would
+    be plain SAM's gradient)."""
+    if optimizer is None:
+        _UNBOUND_REPLAYS[0] += 1
+        return
+    sv = getattr(optimizer, "_step_vars", None)
+    if sv is not None:
+        sv["functional_replays"] = sv.get("functional_replays", 0) + 1
+
+
+def check_replayed(optimizer: Any) -> None:
+    """Warn (``UserWarning``, once per optimizer) at the start of a
+    FunctionalSAM ``second_step()`` when no pass-2 backward went through the
+    library's cotangent mechanisms since ``first_step()``: no
+    CotangentRecorder / HeadRecorder replay, no ``mark_output`` in pass 2, no
+    ``step(closure)``. Then pass 2 was either the user's own
+    ``z1.backward(c0)`` (SPEC §2; correct) or an ordinary
+    ``loss.backward()``, which gives plain SAM's gradient; the two cannot be
+    told apart, so this warns rather than raises."""
+    sv = optimizer._step_vars
+    if sv.get("functional_replays", 0) or _UNBOUND_REPLAYS[0] != sv.get("unbound_replays_at") \
+            or sv.get("warned_no_replay"):
+        return
+    sv["warned_no_replay"] = True
+    warnings.warn(
+        "FunctionalSAM.second_step: pass 2 used no recorded cotangent (no "
+        "CotangentRecorder/HeadRecorder replay(), no mark_output() in pass 2, no "
+        "step(closure)). If pass 2 was an ordinary loss.backward(), this step is plain SAM, "
+        "not Functional-SAM: capture the pass-1 output (or mark_output it) and replay it in "
+        "pass 2. If you back-propagated the pass-1 cotangent yourself (z1.backward(c0)), "
+        "ignore this (warned once per optimizer)", UserWarning, stacklevel=3)
+
+
 def step_generation(optimizer: Any) -> int:
     """The number of successful ``first_step()`` calls of ``optimizer``: a
     record made in pass 1 at generation g belongs to the step whose
@@ -60,6 +103,11 @@ def step_generation(optimizer: Any) -> int:
 
 
 @torch.compiler.disable     # bookkeeping on host objects: eager also in a compiled second_step
+def held_records(optimizer: Any) -> int:
+    """Records held by the recorders registered with ``optimizer`` (any step)."""
+    return sum(len(r) for r in list(_REGISTRY.get(optimizer, ())))
+
+
 def check_unreplayed(optimizer: Any) -> None:
     """Called at the start of ``second_step()``, before anything changes:
     ``RuntimeError`` when a registered recorder still holds records of this
@@ -537,3 +585,4 @@ class CotangentRecorder:
             grads.append(c)
         self._remove_oldest()
         torch.autograd.backward(tensors, grads, retain_graph=retain_graph)
+        note_replay(self.optimizer)

@@ -425,6 +425,10 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
             _theta_changed()
         # records of pass 1 belong to this step (fsam_kernels.cotangent.step_generation)
         self._step_vars["generation"] = self._step_vars.get("generation", 0) + 1
+        # pass-2 replays of this step, counted for FunctionalSAM.second_step's check
+        from .cotangent import _UNBOUND_REPLAYS
+        self._step_vars["functional_replays"] = 0
+        self._step_vars["unbound_replays_at"] = _UNBOUND_REPLAYS[0]
         if zero_grad and not torch.compiler.is_compiling():
             _clear_grads(self.param_groups)
 
@@ -509,6 +513,9 @@ class _SAMBase(ClosureAPI, torch.optim.Optimizer):
         if self._step_vars.get("recorders") or self._step_vars.get("output_marks"):
             from .cotangent import check_unreplayed
             check_unreplayed(self)  # records of pass 1 not replayed: raise, nothing changed
+        if self._functional and not torch.compiler.is_compiling():
+            from .cotangent import check_replayed
+            check_replayed(self)    # warns once when pass 2 may have been plain SAM's
         grad_scale = self._resolve_scale(grad_scale, grad_scaler, "second_step")
         try:
             self._phase(self._second_step_impl)(self._perturbed, grad_scale, found_inf)
@@ -726,7 +733,7 @@ class FunctionalSAM(_SAMBase):
         cotangent c0 (tensor hooks), so the output path gives J(θ+e)ᵀ c0 and
         loss terms that bypass the output (regularisers, a MoE router's
         load-balancing loss) are differentiated at θ+e as in SAM."""
-        from .cotangent import select_output
+        from .cotangent import note_replay, select_output
         from .heads import is_head_output
 
         z = select_output(output, getattr(self, "output", None), argname="closure output")
@@ -737,6 +744,7 @@ class FunctionalSAM(_SAMBase):
                                  "FusedLinearCrossEntropy head once and return its output, "
                                  "as in pass 1")
             _backward_substituted(loss, [z.loss], [record.grad_output])
+            note_replay(self)
             return
         try:
             items = differentiable_items(z, argname="closure output")
@@ -756,6 +764,7 @@ class FunctionalSAM(_SAMBase):
                 tensors.append(t)
                 grads.append(c)
         _backward_substituted(loss, tensors, grads)
+        note_replay(self)
 
 
 def _backward_substituted(loss: Tensor, tensors: List[Tensor], cotangents: List[Tensor]) -> None:

@@ -47,7 +47,7 @@ in_emulated_process = pytest.mark.skipif(
     not EMULATED, reason="runs inside test_emulated_cuda_suite's FSAM_CUDA_EMULATE=1 process")
 
 #: what the emulated process runs (module docstring)
-SUITE = ["tests/test_native.py", "tests/test_conformance.py", "tests/test_backends.py",
+SUITE = ["tests/test_native.py", "tests/test_conformance.py", "tests/test_backends.py", "tests/test_plan_cache.py",
          "tests/test_cuda_emulated.py"]
 #: the tests of this file that only the parent (non-emulating) process runs
 PARENT_ONLY = ("test_emulated_cuda_suite", "test_cuda_backend_refuses_cpu_tensors_unless_emulated")

@@ -384,3 +384,40 @@ def test_old_module_name_functional_gives_the_cotangent_objects():
     with pytest.raises(AttributeError, match="'fsam_kernels.functional'.*no attribute 'nope'"):
         old.nope  # noqa: B018
     assert importlib.import_module("fsam_kernels.functional") is old
+
+
+def test_functional_sam_manual_loop_without_replay_warns_once():
+    """A hand-written FunctionalSAM loop whose pass 2 used none of the library's
+    cotangent mechanisms (an ordinary loss.backward() would make it plain SAM;
+    a user's own z1.backward(c0) is right) warns once per optimizer; with a
+    recorder replay (bound to the optimizer or to none) it does not warn."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+
+    def plain_step(opt):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.first_step()
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.second_step()
+
+    opt = FunctionalSAM(net.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    with pytest.warns(UserWarning, match="used no recorded cotangent.*plain SAM"):
+        plain_step(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain_step(opt)                               # once per optimizer
+        for rec_opt in (opt, None):
+            opt2 = FunctionalSAM(net.parameters(), lr=1e-2, rho=0.1, backend="reference")
+            rec = CotangentRecorder(optimizer=opt2) if rec_opt is not None else CotangentRecorder()
+            opt2.zero_grad()
+            z = rec.capture(net(x))
+            ((z - y) ** 2).mean().backward()
+            opt2.first_step()
+            opt2.zero_grad()
+            rec.replay(net(x))
+            opt2.second_step()                        # no warning

@@ -733,3 +733,26 @@ def test_example_fused_head_lm_tiny():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "closure step   2" in r.stdout and "accumulation step   2" in r.stdout
+
+
+def test_step_closure_refuses_leftover_records_before_perturbing():
+    """A HeadRecorder record left by an abandoned hand-written pass 1, then
+    step(closure): refused before θ changes (no step pending); after clear() it steps."""
+    torch.manual_seed(18)
+    model = TinyLM()
+    (x, y), = _batches(1)
+    opt = FunctionalSAM(model.parameters(), lr=1e-2, rho=0.1, backend="reference")
+    rec = HeadRecorder(opt)
+    rec.capture(model.head(model.hidden(x), y)).loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        out = model.head(model.hidden(x), y)
+        return out, out.loss
+    with pytest.raises(RuntimeError, match=r"1 record\(s\) .* left over .* clear\(\)"):
+        opt.step(closure)
+    assert opt._perturbed is None
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    rec.clear()
+    opt.step(closure)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -639,6 +639,8 @@ class HeadRecorder:
         surrogate = self._replay_fn(record, hidden)     # checks hidden before the pop
         self._records.popleft()
         torch.autograd.backward(surrogate, record.grad_output.to(surrogate.dtype))
+        from ..cotangent import note_replay
+        note_replay(self.optimizer)
 
     def replay_closure_output(self, out: Any) -> None:
         """``FunctionalSAM.step``'s pass 2: ``out`` is the closure's pass-2 head
@@ -650,3 +652,5 @@ class HeadRecorder:
                              "as in pass 1")
         self._records.popleft()
         torch.autograd.backward(out.loss, record.grad_output.to(out.loss.dtype))
+        from ..cotangent import note_replay
+        note_replay(self.optimizer)

@@ -198,6 +198,8 @@ class SAMTrainer(Trainer):
                 raise RuntimeError(f"SAMTrainer: pass-2 output shape {tuple(z.shape)} differs "
                                    f"from pass 1's {tuple(c0.shape)}")
             z.register_hook(lambda grad, c0=c0: c0)
+            from ..cotangent import note_replay
+            note_replay(_unwrap(self.optimizer))    # a Functional-SAM pass 2 (c0 substituted)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> Tensor:
