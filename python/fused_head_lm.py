@@ -81,8 +81,8 @@ def main():
             total += out.loss.item() / len(batches)
         opt.first_step()                                  # θ -> θ + e
         opt.zero_grad(set_to_none=True)
-        for xb, _ in batches:                            # pass 2, same order
-            rec.replay(model.hidden(xb))                  # J(θ+e)ᵀ c0, no logits
+        for xb, yb in batches:                           # pass 2, same order
+            rec.replay(model.hidden(xb), yb)              # J(θ+e)ᵀ c0, no logits; labels checked
         opt.second_step()                                 # restore θ, AdamW
         if step % 50 == 0 or step == steps - 1:
             print(f"accumulation step {step:3d}  loss {total:.4f}")
