@@ -76,7 +76,16 @@ def test_config_errors():
         GPTConfig(d_model=30, n_head=4)
     with pytest.raises(ValueError, match="--preset"):
         config_for("gigantic", 100)
-    assert set(PRESETS) >= {"tiny", "small", "medium", "large"}
+    assert set(PRESETS) >= {"tiny", "mini", "small", "medium", "large"}
+
+
+def test_mini_preset_parameter_count():
+    # the data-limited study's model (bias-free): tied embedding V*d, positions T*d, per
+    # layer 2 LayerNorm weights (2d), attention qkv + proj (4d^2), MLP 4x (8d^2), final LayerNorm d
+    V, T, d, L = 1024, 64, 64, 2
+    per_layer = 2 * d + 4 * d * d + 8 * d * d
+    expected = V * d + T * d + L * per_layer + d
+    assert GPT(config_for("mini", V)).num_params() == expected
 
 
 # --------------------------------------------------------------------------- tokenizer / data

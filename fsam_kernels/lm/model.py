@@ -64,10 +64,13 @@ class GPTConfig:
 
 
 #: Named sizes. ``tiny`` is for tests (well under a second per step on a CPU),
-#: ``small`` is the default CPU comparison run, ``medium`` and ``large`` are for
+#: ``mini`` (0.17M parameters at vocab 1024) is the data-limited CPU study's
+#: model (bench/results/sweep-shakespeare-cpu-datalimited/), ``small`` is the
+#: default CPU comparison run, ``medium`` and ``large`` are for
 #: GPUs (about 25M and 200M non-embedding parameters).
 PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(block_size=64, n_layer=2, n_head=2, d_model=32),
+    "mini": GPTConfig(block_size=64, n_layer=2, n_head=2, d_model=64),
     "small": GPTConfig(block_size=256, n_layer=4, n_head=4, d_model=128),
     "medium": GPTConfig(block_size=1024, n_layer=8, n_head=8, d_model=512),
     "large": GPTConfig(block_size=1024, n_layer=16, n_head=16, d_model=1024),
