@@ -8,6 +8,11 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -171,17 +176,17 @@ def texts(tmp_path):
     return a, b
 
 
-def test_sweep_resume_and_no_test_leak(tmp_path, texts, monkeypatch):
+def test_sweep_resume_and_no_test_leak(tmp_path, texts, monkeypatch, capsys):
     a, b = texts
     seen_train, seen_val = [], []
     real_train_one = lmtrain.train_one
 
-    def spy_train_one(name, seed, args, data, val, *rest):
+    def spy_train_one(name, seed, args, data, val, *rest, **kw):
         assert set(vars(data)) == {"train", "vocab_size"}  # training gets no val/test array
         tok = lmdata.ByteTokenizer()
         seen_train.append(line_numbers(tok.decode(np.asarray(data.train).tolist())))
         seen_val.append(set().union(*(line_numbers(tok.decode(x.flatten().tolist())) for x, _ in val)))
-        return real_train_one(name, seed, args, data, val, *rest)
+        return real_train_one(name, seed, args, data, val, *rest, **kw)
 
     monkeypatch.setattr(lmtrain, "train_one", spy_train_one)
     # 1. uninterrupted, with the diagnostics
@@ -225,6 +230,29 @@ def test_sweep_resume_and_no_test_leak(tmp_path, texts, monkeypatch):
     assert results(part) == full  # identical to the uninterrupted sweep
     assert rerun == set(full)
 
+    # 2b. Ctrl-C (a real SIGINT) inside a step of seed 1: 130, the report of the finished runs,
+    # no --resume advice (fsam-sweep has none); the rerun gives the uninterrupted results
+    state["raised"] = False
+
+    def sigint_batch(tokens, bs, sl, seed, step, device="cpu"):
+        if seed == 1 and step == 4 and not state["raised"]:
+            state["raised"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(tokens, bs, sl, seed, step, device)
+
+    monkeypatch.setattr(lmtrain, "train_batch", sigint_batch)
+    ctrlc = tmp_path / "ctrlc"
+    handler = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    assert S.main(sweep_argv(tmp_path, ctrlc, a)) == 130
+    err = capsys.readouterr().err
+    assert state["raised"] and signal.getsignal(signal.SIGINT) is handler  # handler restored
+    assert "stopped by SIGINT: rerun the same command" in err and "--resume" not in err
+    rep = json.load(open(ctrlc / "report.json"))
+    assert 1 <= rep["runs_done"] < 7 and rep["runs_done"] + len(rep["missing"]) == rep["runs_planned"]
+    assert S.main(sweep_argv(tmp_path, ctrlc, a)) == 0
+    assert results(ctrlc) == full
+
     # 3. another test tail: training, validation and the choice of rho unchanged, test loss not
     other = tmp_path / "other"
     monkeypatch.setattr(lmtrain, "train_batch", real_batch)
@@ -264,6 +292,11 @@ def test_choose_rho_reads_validation_only():
     (["--seeds", ""], "--seeds is empty"),
     (["--select-seeds", "5"], r"--select-seeds \[5\] are not in --seeds"),
     (["--steps", "0"], "--steps 0 is out of range"),
+    # a sweep needs a test split (0 once crashed with a TypeError after preparing the data)
+    (["--test-fraction", "0"],
+     r"argument --test-fraction: 0 is out of range: expected a finite float in \(0, 1\)"),
+    (["--test-fraction=-0.1"], "argument --test-fraction: -0.1 is out of range"),
+    (["--test-fraction", "1"], "argument --test-fraction: 1 is out of range"),
     (["--seed-offset", "3"], "--seed-offset is set by fsam-sweep"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
@@ -278,12 +311,13 @@ def test_bad_input(tmp_path, capsys, extra, message):
 def test_other_settings_in_same_out_are_refused(tmp_path, texts, capsys):
     a, _ = texts
     out = tmp_path / "o"
-    assert S.main(sweep_argv(tmp_path, out, a, "--max-runs", "0")) == 0
+    assert S.main(sweep_argv(tmp_path, out, a, "--max-runs", "1", "--no-diagnose")) == 0
     with pytest.raises(SystemExit):
         S.main(sweep_argv(tmp_path, out, a, "--max-runs", "0", "--lr", "0.01"))
     assert "--lr was 0.003, now 0.01" in capsys.readouterr().err
-    # --report-only reads the saved settings, needs no data
+    # --report-only reads the saved settings, needs no data (and a finished run)
     assert S.main(["--out", str(out), "--report-only", "--no-plots"]) == 0
+    assert json.load(open(out / "report.json"))["runs_done"] == 1
 
 
 def test_unigram_loss_by_hand():
@@ -336,6 +370,19 @@ def test_build_report_on_synthetic_results():
     md = S.format_report({**rep, "config": {**cfg, "corpus_name": "x", "num_params": 1,
                                             "train_args": {"preset": "tiny"}}})
     assert "| sam | 0.2 | 10 | 20 | 2/3 |" in md and "Missing runs (1)" in md
+    assert rep["runs_done"] == 9 and rep["runs_planned"] == 10 and rep["runs_outside_plan"] == []
+    assert "Runs finished: 9 of 10 planned. " in md
+    # the same results without the compute-matched baseline: its runs are finished, not planned
+    rep = S.build_report({**cfg, "compute_matched": False}, res)
+    assert rep["runs_done"] == 6 and rep["runs_planned"] == 7 and len(rep["missing"]) == 1
+    assert rep["runs_outside_plan"] == sorted(S.RunSpec("adamw2x", 0.0, s, 20, "").run_id for s in adamw)
+    md = S.format_report({**rep, "config": {**cfg, "corpus_name": "x", "num_params": 1,
+                                            "train_args": {"preset": "tiny"}}})
+    assert "Runs finished: 6 of 7 planned (and 3 finished runs outside the plan, listed at the end). " in md
+    tail = md.split("\n## Finished runs outside the plan (3)\n\n")[1].splitlines()  # the last section
+    assert tail[1:] == ["", "- adamw2x-rho0-seed0-steps20", "- adamw2x-rho0-seed1-steps20",
+                        "- adamw2x-rho0-seed2-steps20"]
+    assert "| adamw2x |" not in md and "Missing runs (1)" in md
 
 
 def test_committed_sweep_results_are_not_git_ignored():
@@ -357,3 +404,209 @@ def test_committed_sweep_results_are_not_git_ignored():
     r = subprocess.run(["git", "check-ignore", "--no-index", "-q", "runs/sweep/runs/x/result.json"],
                        cwd=root)
     assert r.returncode == 0
+
+
+# --------------------------------------------------------------------------- reviewer findings
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDIES = [os.path.join(REPO, "bench", "results", d)
+           for d in ("sweep-shakespeare-cpu", "sweep-shakespeare-cpu-6000")]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=os.path.basename)
+def test_committed_study_settings_still_match_with_grad_accum_and_head(tmp_path, study):
+    """The committed sweep.json files predate --grad-accum and --head in the
+    compared settings: their own command still matches them (the fsam-train
+    defaults), another --grad-accum or --head does not."""
+    if not os.path.exists(os.path.join(study, "sweep.json")):
+        pytest.skip(f"{study} not in this checkout")
+    saved = json.load(open(os.path.join(study, "sweep.json")))
+    assert not {"grad_accum", "head"} & set(saved["config"]["train_args"])
+    shutil.copy(os.path.join(study, "sweep.json"), tmp_path / "sweep.json")
+    argv = saved["command"].split()[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path)
+
+    def cfg(*extra):
+        args, targs = S.parse_args(argv + list(extra))
+        return S._config(args, targs, saved["config"]["data"], saved["config"]["num_params"])
+
+    assert {"grad_accum": 1, "head": "fused"}.items() <= cfg()["train_args"].items()
+    S.check_config(str(tmp_path), cfg())
+    S.check_config(str(tmp_path), cfg("--grad-accum", "1", "--head", "fused"))
+    with pytest.raises(ValueError, match="--grad-accum was None, now 2"):
+        S.check_config(str(tmp_path), cfg("--grad-accum", "2"))
+    with pytest.raises(ValueError, match="--head was None, now 'plain'"):
+        S.check_config(str(tmp_path), cfg("--head", "plain"))
+
+
+def test_other_grad_accum_or_head_on_an_interrupted_sweep_is_a_parser_error(tmp_path, texts, monkeypatch,
+                                                                           capsys):
+    a, _ = texts
+    out = tmp_path / "o"
+    argv = sweep_argv(tmp_path, out, a, "--optimizers", "adamw", "--seeds", "0", "--no-compute-matched",
+                      "--no-diagnose")
+    real_batch = lmtrain.train_batch
+
+    def crash(tokens, bs, sl, seed, step, device="cpu"):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real_batch(tokens, bs, sl, seed, step, device)
+
+    monkeypatch.setattr(lmtrain, "train_batch", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        S.main(argv)
+    monkeypatch.setattr(lmtrain, "train_batch", real_batch)
+    ckpt = out / "runs" / "adamw-rho0-seed0-steps6" / "ckpt" / "adamw-seed0.pt"
+    assert ckpt.exists() and not (ckpt.parent.parent / "result.json").exists()
+    capsys.readouterr()
+    for extra, message in ((["--grad-accum", "2"], "--grad-accum was 1, now 2"),
+                           (["--head", "plain"], "--head was 'fused', now 'plain'")):
+        with pytest.raises(SystemExit) as e:
+            S.main(argv + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds a sweep with other settings ({message})" in err
+    # without sweep.json (lost), the run's checkpoint is still checked: a parser error naming it
+    os.remove(out / "sweep.json")
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + ["--grad-accum", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: run adamw-rho0-seed0-steps6: checkpoint" in err and "--grad-accum was 1, now 2" in err
+    assert "Traceback" not in err
+    os.remove(out / "sweep.json")  # written by the refused start
+    assert S.main(argv) == 0 and len(S.collect_results(str(out))) == 1
+
+
+def test_rho_tag_keeps_the_g_form_and_separates_close_radii():
+    for r in (0.0, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3, 1.0, 2.5e-7, 1e-12, 3.0):
+        assert S.rho_tag(r) == f"{r:g}"  # every committed run directory keeps its name
+    assert S.RunSpec("sam", 0.001, 0, 6000, "").run_id == "sam-rho0.001-seed0-steps6000"
+    assert S.RunSpec("adamw", 0.0, 2, 6000, "").run_id == "adamw-rho0-seed2-steps6000"
+    rng = np.random.default_rng(0)
+    for r in [0.100000001, 0.1 + 1e-17, 1 / 3, 0.1234567, *rng.uniform(0, 1, 50)]:
+        assert float(S.rho_tag(r)) == r  # the tag reads back as the same float
+    assert S.rho_tag(0.100000001) == "0.100000001" != S.rho_tag(0.1)
+    assert S.RunSpec("sam", 0.1, 0, 6, "").run_id != S.RunSpec("sam", 0.100000001, 0, 6, "").run_id
+
+
+def test_close_radii_get_their_own_runs(tmp_path, texts):
+    a, _ = texts
+    out = tmp_path / "close"
+    assert S.main(sweep_argv(tmp_path, out, a, "--optimizers", "sam", "--rho", "0.1,0.100000001",
+                             "--seeds", "0", "--no-compute-matched", "--no-diagnose")) == 0
+    assert sorted(os.listdir(out / "runs")) == ["sam-rho0.1-seed0-steps6", "sam-rho0.100000001-seed0-steps6"]
+    rep = json.load(open(out / "report.json"))
+    assert rep["runs_done"] == rep["runs_planned"] == 2 and rep["missing"] == []
+    assert set(rep["selection"]["sam"]["val"]) == {"0.1", "0.100000001"}
+    assert all(v is not None for v in rep["selection"]["sam"]["val"].values())
+    md = (out / "report.md").read_text()
+    assert "Runs finished: 2 of 2 planned." in md
+    assert re.search(r"\| sam \| 0\.1(\*\*chosen\*\*| \*\*chosen\*\*)? \| \d", md)
+    assert re.search(r"\| sam \| 0\.100000001( \*\*chosen\*\*)? \| \d", md)
+
+
+def test_report_only_without_finished_runs_writes_nothing(tmp_path, capsys):
+    """A study directory whose per-run results are gone (the committed 3000-step
+    study lost them): --report-only refuses instead of overwriting its report."""
+    study = STUDIES[0]
+    names = ["sweep.json", "report.md", "report.json", "rho.png", "curves.png", "passes.png"]
+    if not all(os.path.exists(os.path.join(study, n)) for n in names):
+        pytest.skip(f"{study} not in this checkout")
+    out = tmp_path / "copy"
+    out.mkdir()
+    for n in names:
+        shutil.copy(os.path.join(study, n), out / n)
+    (out / "runs" / "adamw-rho0-seed0-steps3000").mkdir(parents=True)  # unfinished: no result.json
+    before = {n: (out / n).read_bytes() for n in names}
+    for extra in ([], ["--no-plots"]):
+        with pytest.raises(SystemExit) as e:
+            S.main(["--out", str(out), "--report-only", *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--report-only: no finished runs (runs/<run id>/result.json) under {out / 'runs'}" in err
+        assert "nothing was written" in err
+        assert {n: (out / n).read_bytes() for n in names} == before
+        assert sorted(os.listdir(out)) == sorted(names + ["runs"])
+
+
+def test_help_states_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    help_text = S.build_parser().format_help()
+    entries, flag = {}, None  # option -> its help, one line
+    for line in help_text[help_text.index("options:"):].splitlines()[1:]:
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = ""
+        entries[flag] = " ".join((entries[flag] + " " + line).split())
+    assert "(default: True)" not in help_text and "(default: False)" not in help_text
+    for flag in ("--no-compute-matched", "--no-diagnose", "--no-plots", "--no-progress", "--report-only"):
+        assert "(default" not in entries[flag], entries[flag]
+    assert entries["--no-plots"] == "--no-plots no PNG plots"
+    for flag, default in (("--select-seeds", "the first of --seeds"), ("--max-runs", "no limit"),
+                          ("--threads", "$OMP_NUM_THREADS or the CPUs this process may use"),
+                          ("--steps", "3000"), ("--test-fraction", "0.05"), ("--out", "runs/sweep")):
+        assert entries[flag].count("(default:") == 1 and entries[flag].endswith(f"(default: {default})"), \
+            entries[flag]
+
+
+def test_keyboard_interrupt_advice_of_sweep_and_train(tmp_path, texts, monkeypatch, capsys):
+    """A KeyboardInterrupt inside a step: the Trainer checkpoints and says how to
+    continue, in fsam-sweep's words for the sweep and fsam-train's for fsam-train."""
+    a, _ = texts
+    real_batch = lmtrain.train_batch
+
+    def interrupt(tokens, bs, sl, seed, step, device="cpu"):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_batch(tokens, bs, sl, seed, step, device)
+
+    monkeypatch.setattr(lmtrain, "train_batch", interrupt)
+    out = tmp_path / "ki"
+    argv = sweep_argv(tmp_path, out, a, "--optimizers", "adamw", "--seeds", "0", "--no-compute-matched",
+                      "--no-diagnose")
+    assert S.main(argv) == 130
+    err = capsys.readouterr().err
+    assert ("interrupted: adamw-seed0 checkpointed at step 4; rerun the same fsam-sweep command to "
+            "continue it") in err
+    assert "--resume" not in err and (out / "report.md").exists()
+    monkeypatch.setattr(lmtrain, "train_batch", real_batch)
+    assert S.main(argv) == 0 and len(S.collect_results(str(out))) == 1
+
+    monkeypatch.setattr(lmtrain, "train_batch", interrupt)
+    targv = ["--data", str(a), "--tokenizer", "bytes", "--cache-dir", str(tmp_path / "cache"), "--preset", "tiny",
+             "--seq-len", "16", "--batch-size", "4", "--eval-batches", "2", "--steps", "6", "--eval-every", "3",
+             "--optimizers", "adamw", "--no-progress", "--threads", "1", "--out", str(tmp_path / "train")]
+    assert lmtrain.main(targv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: adamw-seed0 checkpointed at step 4; rerun with --resume to continue" in err
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_finishes_identically(tmp_path, texts):
+    """SIGTERM to a running fsam-sweep (a subprocess): exit status 143 after the
+    report of the finished runs; the same command then finishes with the
+    results of an uninterrupted sweep."""
+    a, _ = texts
+    extra = ("--steps", "30", "--evals", "3", "--optimizers", "adamw,sam", "--rho", "0.05",
+             "--no-compute-matched", "--no-diagnose")
+    out = tmp_path / "term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.Popen([sys.executable, "-m", "fsam_kernels.lm.sweep", *sweep_argv(tmp_path, out, a, *extra)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the second run (adamw seed 1) has started: its step-0 checkpoint exists
+    started = out / "runs" / "adamw-rho0-seed1-steps30" / "ckpt" / "adamw-seed1.pt"
+    deadline = time.monotonic() + 300
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM: rerun the same command to continue" in stderr and "Traceback" not in stderr
+    rep = json.load(open(out / "report.json"))
+    assert 1 <= rep["runs_done"] < 4 == rep["runs_planned"] and len(rep["missing"]) == 4 - rep["runs_done"]
+    assert f"Runs finished: {rep['runs_done']} of 4 planned" in (out / "report.md").read_text()
+    assert "Missing runs" in stdout
+    assert S.main(sweep_argv(tmp_path, out, a, *extra)) == 0
+    assert S.main(sweep_argv(tmp_path, tmp_path / "ref", a, *extra)) == 0
+    assert len(results(out)) == 4 and results(out) == results(tmp_path / "ref")

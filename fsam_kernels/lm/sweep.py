@@ -35,7 +35,9 @@ per variant and compare at an equal number of steps):
   from there; finished runs (``result.json``, written atomically after the
   final test evaluation) are skipped. A sweep killed at any point continues
   where it stopped when started again with the same arguments; extending
-  the grid or the seeds reuses the finished runs.
+  the grid or the seeds reuses the finished runs. Ctrl-C and SIGTERM stop
+  it cleanly (the report of the finished runs is written; exit status 130 /
+  143, :func:`main`). A run directory is named by :func:`rho_tag` of its ρ.
 * Report (``<out>/report.json``, ``report.md``, ``rho.png``,
   ``curves.png``, ``passes.png``): written from whatever runs are finished
   (``--report-only`` writes it without training), missing runs named.
@@ -56,8 +58,10 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -65,7 +69,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .._cli import (NONNEG_INT, POSITIVE_INT, amp_autocast, atomic_write_json, atomic_write_jsonl,
+from .._cli import (NONNEG_INT, POSITIVE_INT, Range, amp_autocast, atomic_write_json, atomic_write_jsonl,
                     atomic_write_text, check_ranges, device_and_backend, set_threads)
 from . import train as T
 from .data import DataError, prepare_from_args, val_batches
@@ -75,6 +79,9 @@ from .model import GPT, GPTConfig, config_for
 SAM_FAMILY = ("sam", "fsam", "psam", "pfsam")
 PRECONDITIONED = ("psam", "pfsam")
 MATCHED = "adamw2x"
+#: what a run interrupted mid-training tells the user (fsam-train's says --resume, which
+#: fsam-sweep has not: it continues every unfinished run by itself)
+RESUME_HINT = "rerun the same fsam-sweep command to continue it"
 #: keys of a run's records that measure time, not the computation
 TIMING_KEYS = ("elapsed_s", "tokens_per_s", "wall_s", "diag_wall_s", "eval_wall_s")
 
@@ -190,6 +197,16 @@ def unigram_loss(train: np.ndarray, tokens: np.ndarray, vocab_size: int) -> floa
 
 
 # --------------------------------------------------------------------------- grid
+def rho_tag(rho: float) -> str:
+    """The text of a radius in run ids, report keys and tables: ``f"{rho:g}"``
+    (``0.001`` -> ``"0.001"``, ``0.0`` -> ``"0"``) when that reads back as the
+    same float, else ``repr(rho)`` (``0.100000001`` -> ``"0.100000001"``, which
+    ``:g`` would round to ``"0.1"``), so distinct radii never share a run
+    directory or a table row."""
+    g = f"{rho:g}"
+    return g if float(g) == rho else repr(float(rho))
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: optimizer name (``adamw2x`` = AdamW with ``steps``
@@ -208,7 +225,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.name}-rho{self.rho:g}-seed{self.seed}-steps{self.steps}"
+        return f"{self.name}-rho{rho_tag(self.rho)}-seed{self.seed}-steps{self.steps}"
 
     @property
     def passes_per_step(self) -> int:
@@ -316,7 +333,8 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
     whole validation split (``val_full``) and the test split (``test``), add
     the diagnostics, and write ``result.json`` atomically. ``data`` must hold
     only the training tokens (``train``) and ``vocab_size``. Returns the
-    result dict."""
+    result dict. Raises ValueError starting with ``--out`` when the run's
+    checkpoint was written with other settings."""
     rdir = os.path.join(base_args.sweep_out, "runs", spec.run_id)
     os.makedirs(os.path.join(rdir, "ckpt"), exist_ok=True)
     args = argparse.Namespace(**vars(base_args))
@@ -326,8 +344,15 @@ def run_one(spec: RunSpec, base_args, data, val, val_full, test, device, autocas
     args.eval_every = max(1, spec.steps // base_args.evals)
     records: list[dict] = []
     mpath = os.path.join(rdir, "metrics.jsonl")
-    summary = T.train_one(spec.optimizer, spec.seed, args, data, val, device, autocast, records,
-                          lambda: atomic_write_jsonl(mpath, records))
+    try:
+        summary = T.train_one(spec.optimizer, spec.seed, args, data, val, device, autocast, records,
+                              lambda: atomic_write_jsonl(mpath, records), resume_hint=RESUME_HINT)
+    except ValueError as e:
+        # a checkpoint of other settings (sweep.json, which main() checks first, was lost or edited)
+        if str(e).startswith("--resume: "):
+            raise ValueError(f"--out {base_args.sweep_out}: run {spec.run_id}: "
+                             f"{str(e)[len('--resume: '):]}") from None
+        raise
     if not summary["finished"]:
         raise RuntimeError(f"run {spec.run_id} stopped at step {summary['steps']} of {spec.steps}")
     ck = torch.load(os.path.join(rdir, "ckpt", f"{spec.optimizer}-seed{spec.seed}.pt"),
@@ -399,11 +424,13 @@ def build_report(cfg: dict, results: dict) -> dict:
     chosen = {n: s["rho"] for n, s in selection.items() if s["rho"] is not None}
     planned = phase1(optimizers, rhos, prhos, seeds, select, steps)
     planned += phase2({n: chosen.get(n) for n in selection}, seeds, select, steps, matched)
-    missing = []
+    missing, done = [], set()
     for sp in planned:
         if sp.rho is None:
             missing.append(f"{sp.name} (ρ not chosen yet) seed {sp.seed}")
-        elif sp.run_id not in results:
+        elif sp.run_id in results:
+            done.add(sp.run_id)
+        else:
             missing.append(sp.run_id)
 
     def rows_for(name, rho, n_steps):
@@ -442,10 +469,13 @@ def build_report(cfg: dict, results: dict) -> dict:
          for res in (results[rid],)]).to_dict() for k in ("val_loss_full", "test_loss")}}
         for r in grid_for(n, rhos, prhos)] for n in selection}
     cpu_s = sum(r["wall_s"] + r.get("eval_wall_s", 0.0) + r.get("diag_wall_s", 0.0) for r in results.values())
-    return {"config": cfg, "selection": {n: {**s, "val": {f"{r:g}": v for r, v in s["val"].items()}}
+    return {"config": cfg, "selection": {n: {**s, "val": {rho_tag(r): v for r, v in s["val"].items()}}
                                          for n, s in selection.items()},
             "chosen_rho": chosen, "table": table, "grid": grid, "missing": missing,
-            "runs_done": len(results), "runs_planned": len(planned),
+            # finished runs of the plan (runs_done + len(missing) == runs_planned), and the
+            # finished runs under runs/ the plan has not (e.g. adamw2x after --no-compute-matched)
+            "runs_done": len(done), "runs_planned": len(planned),
+            "runs_outside_plan": sorted(set(results) - done),
             "train_wall_s_total": sum(r["wall_s"] for r in results.values()),
             "run_wall_s_total": cpu_s, "results": results}
 
@@ -460,7 +490,9 @@ def format_report(rep: dict) -> str:
     cfg = rep["config"]
     L = [f"# fsam-sweep report ({cfg['corpus_name']}, preset {cfg['train_args']['preset']}, "
          f"{cfg['num_params'] / 1e6:.3f}M parameters)", "",
-         f"Runs finished: {rep['runs_done']} of {rep['runs_planned']} planned. "
+         f"Runs finished: {rep['runs_done']} of {rep['runs_planned']} planned"
+         + (f" (and {len(extra)} finished run{'s' * (len(extra) != 1)} outside the plan, listed at the end)"
+            if (extra := rep.get("runs_outside_plan")) else "") + ". "
          f"Training wall time of the finished runs: {rep['train_wall_s_total'] / 3600:.2f} h "
          f"({rep['run_wall_s_total'] / 3600:.2f} h with the final evaluations and diagnostics).", "",
          *([f"Unigram baseline (training-split token frequencies): {cfg['unigram_val_loss']:.4f} validation, "
@@ -482,7 +514,8 @@ def format_report(rep: dict) -> str:
         dufmt = "--" if not du else _iv(du).fmt(4)
         v = r["val"]
         w = r["wall_s"]["mean"]
-        rho = "--" if r["rho"] is None else (f"{r['rho']:g}" + ("" if r["rho_complete"] else " (grid incomplete)"))
+        rho = "--" if r["rho"] is None else (
+            rho_tag(r["rho"]) + ("" if r["rho_complete"] else " (grid incomplete)"))
         L.append(f"| {r['name']} | {rho} | {r['steps']} | {r['passes']} | "
                  f"{len(r['seeds_done'])}/{len(r['seeds_planned'])} | {from_ci.fmt(4)} | {dfmt} | {dufmt} | "
                  f"{_iv(v).fmt(4)} | "
@@ -493,8 +526,8 @@ def format_report(rep: dict) -> str:
     for n, pts in rep["grid"].items():
         for p in pts:
             mark = " **chosen**" if rep["chosen_rho"].get(n) == p["rho"] else ""
-            sel = rep["selection"][n]["val"].get(f"{p['rho']:g}")
-            L.append(f"| {n} | {p['rho']:g}{mark} | {'--' if sel is None else f'{sel:.4f}'} | "
+            sel = rep["selection"][n]["val"].get(rho_tag(p["rho"]))
+            L.append(f"| {n} | {rho_tag(p['rho'])}{mark} | {'--' if sel is None else f'{sel:.4f}'} | "
                      f"{_iv(p['test_loss']).fmt(4)} |")
     L += ["", "## End-of-training diagnostics (fsam_kernels.diagnostics.diagnose_lm on the first "
           "validation batch, final checkpoint; mean over seeds)", "",
@@ -510,6 +543,10 @@ def format_report(rep: dict) -> str:
           "plain SAM/FSAM); see fsam_kernels.diagnostics.decompose."]
     if rep["missing"]:
         L += ["", f"## Missing runs ({len(rep['missing'])})", ""] + [f"- {m}" for m in rep["missing"]]
+    if extra:
+        L += ["", f"## Finished runs outside the plan ({len(extra)})", "",
+              "Under runs/ but not planned by these settings (another grid, seeds or "
+              "--no-compute-matched); not in the tables above.", ""] + [f"- {m}" for m in extra]
     return "\n".join(L) + "\n"
 
 
@@ -565,7 +602,8 @@ def plot_report(rep: dict, out: str) -> list[str]:
             mult = rs[0]["passes_per_step"] if xkey == "passes" else 1
             xs = [st * mult for st in steps]
             ys = [np.mean([c["val_loss"] for r in rs for c in r["curve"] if c["step"] == st]) for st in steps]
-            lbl = row["name"] + ("" if row["rho"] is None else f" ρ={row['rho']:g}") + f" (n={len(rs)})"
+            lbl = (row["name"] + ("" if row["rho"] is None else f" ρ={rho_tag(row['rho'])}")
+                   + f" (n={len(rs)})")
             for ax in axes:
                 ax.plot(xs, ys, "-", color=colors[row["name"]], label=lbl)
             zoom_lo = xs[-1] / 2 if zoom_lo is None else min(zoom_lo, xs[-1] / 2)
@@ -618,6 +656,23 @@ def collect_results(out: str) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` without the ``(default: ...)`` of a
+    flag that takes no value (``--no-plots`` would read ``(default: True)``,
+    the value of its ``dest``, as if the flag were on) and of an option whose
+    help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+#: a sweep needs a test split: --test-fraction in (0, 1)
+TEST_FRACTION = Range(float, 0, 1, low_open=True, high_open=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fsam-sweep",
@@ -630,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "is accepted and passed on to every run; the sweep's defaults differ from "
                     "fsam-train's for --preset tiny --vocab-size 1024 --seq-len 64 --batch-size 16 "
                     "--eval-batches 16 (the committed CPU study).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/sweep", help="sweep directory (runs/, report.*, plots)")
     p.add_argument("--optimizers", default=T.DEFAULT_OPTIMIZERS,
                    help=f"comma-separated subset of {','.join(T.OPTIMIZERS)}")
@@ -643,18 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=20, help="evaluations (and checkpoints) per run")
     p.add_argument("--no-compute-matched", dest="compute_matched", action="store_false",
                    help="leave out adamw2x (AdamW with 2x the steps)")
-    p.add_argument("--test-fraction", type=float, default=0.05,
-                   help="held-out test tail of each source (after the --val-fraction tail)")
+    p.add_argument("--test-fraction", type=TEST_FRACTION.argtype(), default=0.05,
+                   help="held-out test tail of each source (after the --val-fraction tail), in (0, 1)")
     p.add_argument("--test-batches", type=int, default=256,
                    help="batches (of --batch-size) of the final validation and test evaluations "
                         "(windows at stride seq_len/2, capped by the split's length)")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
                    help="skip the final-checkpoint path decomposition and sharpness")
     p.add_argument("--max-runs", type=int, default=None,
-                   help="train at most N runs in this invocation, then write the report")
+                   help="train at most N runs in this invocation, then write the report "
+                        "(default: no limit)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the finished runs under --out and the settings in its "
-                        "sweep.json (no data preparation, no training; other options are ignored)")
+                        "sweep.json (no data preparation, no training; options other than --no-plots "
+                        "are ignored)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: $OMP_NUM_THREADS or the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -709,7 +766,10 @@ def parse_args(argv=None):
 
 
 def _config(args, targs, data_meta, n_params) -> dict:
-    keep = sorted(set(T._RESUME_KEYS) - {"steps", "rho", "prho"}) + ["backend", "weight_decay", "warmup_arg"]
+    # fsam-train's settings of every run; grad_accum and head were added later: a sweep.json
+    # without them matches their fsam-train defaults (check_config)
+    keep = sorted(set(T._RESUME_KEYS) - {"steps", "rho", "prho"}) + ["backend", "weight_decay", "warmup_arg",
+                                                                      "grad_accum", "head"]
     return {"optimizers": args.names, "rho": args.rho_grid, "prho": args.prho_grid, "seeds": args.seed_list,
             "select_seeds": args.select_list, "steps": args.steps, "evals": args.evals,
             "compute_matched": args.compute_matched, "test_fraction": args.test_fraction,
@@ -743,10 +803,44 @@ def check_config(out: str, cfg: dict) -> None:
                          "use the same settings or another --out")
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM (``signum``), raised in the main thread by the
+    handler :func:`main` installs for the training. Not a KeyboardInterrupt:
+    the running :class:`~fsam_kernels.lm.train.Trainer` does not checkpoint
+    wherever the signal landed (inside an optimizer step the parameters and
+    the optimizer state can be half updated), so the run continues from its
+    last evaluation checkpoint, written between steps, and gives the same
+    numbers as an uninterrupted run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+#: the signals that stop a sweep cleanly
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv=None) -> int:
-    """Entry point of ``fsam-sweep``; returns 0 (bad arguments exit with
-    status 2 and a message naming the argument; 130 when interrupted, after
-    writing the report of the finished runs)."""
+    """Entry point of ``fsam-sweep``. Returns 0 when done (or stopped by
+    ``--max-runs``); bad arguments, a ``--out`` holding a sweep of other
+    settings and ``--report-only`` without a finished run exit with status 2
+    and a message naming the argument.
+
+    Ctrl-C (SIGINT) and SIGTERM stop the sweep cleanly: the report of the
+    finished runs is written and main returns 130 (SIGINT) or 143 (SIGTERM),
+    128 + the signal number, the status of a process killed by it. The run in
+    progress continues from its last evaluation checkpoint when the same
+    command is run again (with the same result as an uninterrupted run).
+    The handlers are installed for the training only (in the main thread,
+    and not for a signal that is ignored, e.g. SIGINT of a background job)
+    and the previous ones restored before the final report is written. A
+    KeyboardInterrupt raised otherwise also ends in the report and 130 (the
+    Trainer checkpoints where it stopped)."""
     args, targs = parse_args(argv)
     parser = build_parser()
     if args.report_only:
@@ -757,7 +851,12 @@ def main(argv=None) -> int:
             saved = json.load(f)
         cfg = {**saved["config"], "machine": saved.get("machine"), "command": saved.get("command"),
                "threads": saved.get("threads")}
-        rep = write_report(args.out, cfg, collect_results(args.out), plots=args.plots)
+        found = collect_results(args.out)
+        if not found:
+            # an empty report would silently replace a good one (per-run results lost or elsewhere)
+            parser.error(f"--report-only: no finished runs (runs/<run id>/result.json) under "
+                         f"{os.path.join(args.out, 'runs')}; nothing was written")
+        rep = write_report(args.out, cfg, found, plots=args.plots)
         print(format_report(rep))
         return 0
     device = device_and_backend(parser, targs.device, targs.backend)
@@ -821,6 +920,11 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(p1) + n_p2, desc="sweep", unit="run", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr, position=0)
     bar.update(sum(1 for sp in p1 if sp.run_id in results))
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old_handlers[sig] = signal.signal(sig, _raise_stopped)
     try:
         if run_list(p1, bar):
             chosen = {}
@@ -833,10 +937,20 @@ def main(argv=None) -> int:
             p2 = phase2(chosen, args.seed_list, args.select_list, args.steps, args.compute_matched)
             bar.update(sum(1 for sp in p2 if sp.run_id in results))
             run_list(p2, bar)
+    except _Stopped as e:
+        print(f"\nstopped by {signal.Signals(e.signum).name}: rerun the same command to continue (finished "
+              "runs are kept; the run in progress continues from its last evaluation)", file=sys.stderr)
+        status = 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         status = 130
+    except ValueError as e:
+        if not str(e).startswith("--out "):
+            raise
+        parser.error(str(e))
     finally:
+        for sig, old in old_handlers.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
         bar.close()
     rep = write_report(args.out, cfg, results, plots=args.plots)
     print(format_report(rep))

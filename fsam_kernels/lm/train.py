@@ -107,6 +107,9 @@ DEFAULT_OPTIMIZERS = "adamw,sam,fsam,psam,pfsam"
 #: --head choices (fsam_kernels.heads.FusedLinearCrossEntropy, or full logits)
 HEADS = ("fused", "plain")
 
+#: what an interrupted run tells the user of fsam-train (Trainer's ``resume_hint``)
+RESUME_HINT = "rerun with --resume to continue"
+
 #: arguments that must match for --resume to continue a checkpoint
 _RESUME_KEYS = ("preset", "steps", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup",
                 "weight_decay", "betas", "eps", "rho", "prho", "corpus", "data", "tokenizer",
@@ -411,7 +414,9 @@ class Trainer:
     ``(x, y)`` int64 tensors of shape ``(batch_size, seq_len)`` on ``device``;
     ``autocast``: a zero-argument context-manager factory (the forward
     passes run under it); ``on_eval(record)``: called after each evaluation,
-    once the checkpoint is written.
+    once the checkpoint is written; ``resume_hint``: how to continue, printed
+    after ``interrupted: <run> checkpointed at step N;`` on KeyboardInterrupt
+    (fsam-train's :data:`RESUME_HINT`; fsam-sweep passes its own).
 
     Construction seeds torch with ``seed`` and builds the model and the
     optimizer (every optimizer of a seed starts from the same weights).
@@ -427,14 +432,15 @@ class Trainer:
 
     def __init__(self, name: str, seed: int, args, data, val, device,
                  autocast: Callable[[], Any] = contextlib.nullcontext,
-                 on_eval: Optional[Callable[[dict], None]] = None):
+                 on_eval: Optional[Callable[[dict], None]] = None,
+                 resume_hint: str = RESUME_HINT):
         if name not in OPTIMIZERS:
             raise ValueError(f"Trainer: unknown optimizer {name!r}; expected one of "
                              f"{', '.join(OPTIMIZERS)}")
         self.name, self.seed, self.args, self.val = name, seed, args, val
         self.train_tokens = data.train
         self.device = torch.device(device)
-        self.autocast, self.on_eval = autocast, on_eval
+        self.autocast, self.on_eval, self.resume_hint = autocast, on_eval, resume_hint
         self.run_id = f"{name}-seed{seed}"
         self.ckpt_path = os.path.join(args.out, "ckpt", f"{self.run_id}.pt")
         torch.manual_seed(seed)
@@ -576,8 +582,8 @@ class Trainer:
         except KeyboardInterrupt:
             self.save()
             bar.close()
-            print(f"\ninterrupted: {self.run_id} checkpointed at step {self.step}; rerun with --resume "
-                  "to continue", file=sys.stderr)
+            print(f"\ninterrupted: {self.run_id} checkpointed at step {self.step}; {self.resume_hint}",
+                  file=sys.stderr)
             raise
         step = self.step
         if step % args.eval_every != 0 and step != args.steps and step > 0 and (
@@ -588,10 +594,10 @@ class Trainer:
 
 
 def train_one(name: str, seed: int, args, data, val, device, autocast, records_out: list,
-              on_eval) -> dict:
-    """Train optimizer ``name`` from seed ``seed`` (a :class:`Trainer`,
-    resumed from its checkpoint when ``args.resume``); returns the run's
-    summary (:meth:`Trainer.summary`).
+              on_eval, resume_hint: str = RESUME_HINT) -> dict:
+    """Train optimizer ``name`` from seed ``seed`` (a :class:`Trainer` with
+    ``resume_hint``, resumed from its checkpoint when ``args.resume``);
+    returns the run's summary (:meth:`Trainer.summary`).
 
     Extends ``records_out`` with the run's evaluation records (those of the
     checkpoint first) and calls ``on_eval()`` after each evaluation (which
@@ -600,7 +606,7 @@ def train_one(name: str, seed: int, args, data, val, device, autocast, records_o
         records_out.append(rec)
         on_eval()
 
-    trainer = Trainer(name, seed, args, data, val, device, autocast, on_eval=hook)
+    trainer = Trainer(name, seed, args, data, val, device, autocast, on_eval=hook, resume_hint=resume_hint)
     if args.resume:
         trainer.resume()
     records_out.extend(trainer.records)
