@@ -1,6 +1,7 @@
 """Pieces shared by the command-line tools (``fsam-train``, ``fsam-sweep``,
 ``fsam-diagnose``): numeric range checks, ``--device`` / ``--backend`` /
-``--threads`` resolution, and atomic file writes.
+``--threads`` resolution, atomic file writes, the help formatter and the
+clean stop on SIGINT / SIGTERM.
 
 Range checks. A :class:`Range` says which numbers an option takes; the same
 object serves as an argparse ``type=`` (:meth:`Range.argtype`: the error is
@@ -19,6 +20,16 @@ with ``os.replace``: a reader sees the old file or the whole new one, never a
 part, and a write that fails (also by KeyboardInterrupt) leaves the old file
 and no temporary behind. :func:`atomic_write_text`, :func:`atomic_write_json`,
 :func:`atomic_write_jsonl` and :func:`atomic_torch_save` build on it.
+
+Help. :class:`HelpFormatter` appends ``(default: ...)`` to an option's help
+like ``argparse.ArgumentDefaultsHelpFormatter``, but not to a flag that takes
+no value nor where the help states the default itself.
+
+Signals. :func:`stop_on_signals` is a context manager under which SIGINT and
+SIGTERM only set a flag (:class:`StopRequest`); the training loop checks it
+at a step boundary, checkpoints a consistent state there and raises
+:class:`Stopped` (exit status ``128 + signum``: 130 / 143). A second signal
+raises :class:`Stopped` at once.
 """
 from __future__ import annotations
 
@@ -29,6 +40,8 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +49,8 @@ import torch
 __all__ = ["Range", "POSITIVE_INT", "NONNEG_INT", "NONNEG_FLOAT", "POSITIVE_FLOAT", "FRACTION",
            "check_ranges", "resolve_device", "check_backend", "device_and_backend",
            "amp_autocast", "default_threads", "set_threads", "atomic_write", "atomic_write_text",
-           "atomic_write_json", "atomic_write_jsonl", "atomic_torch_save"]
+           "atomic_write_json", "atomic_write_jsonl", "atomic_torch_save", "HelpFormatter",
+           "Stopped", "StopRequest", "stop_on_signals", "STOP_SIGNALS"]
 
 
 # --------------------------------------------------------------------------- ranges
@@ -276,3 +290,109 @@ def atomic_write_jsonl(path: str, records: Sequence[dict]) -> None:
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# --------------------------------------------------------------------------- help
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` without the ``(default: ...)`` of a
+    flag that takes no value (``--no-plots`` would read ``(default: True)``,
+    the value of its ``dest``, as if the flag were on; ``--amp`` would read
+    ``(default: False)``) and of an option whose help already says its
+    default (``--warmup``'s ``(default: 10% of --steps ...)`` would be
+    followed by ``(default: None)``), nor ``(default: None)`` of an option
+    left unset by default (``--data``, ``--stop-after``: None says nothing).
+    The formatter of fsam-train and fsam-sweep."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+# --------------------------------------------------------------------------- signals
+#: the signals that stop a command-line run cleanly
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """A run stopped by signal ``signum`` (SIGINT or SIGTERM, see
+    :func:`stop_on_signals`); :attr:`status` is the exit status of a process
+    killed by it, ``128 + signum`` (130 for SIGINT, 143 for SIGTERM). A
+    BaseException, not a KeyboardInterrupt: code that checkpoints on
+    KeyboardInterrupt does not treat it as one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        """``"SIGINT"``, ``"SIGTERM"``, ..."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def status(self) -> int:
+        """``128 + signum``."""
+        return 128 + self.signum
+
+
+class StopRequest:
+    """What :func:`stop_on_signals` yields: :attr:`signum` is None until one
+    of its signals arrives, then that signal's number."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if a signal arrived."""
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
+
+_ACTIVE: list = []  # the StopRequest of the outermost stop_on_signals, while it runs
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS):
+    """Within the block, each of ``signals`` (default SIGINT and SIGTERM)
+    only sets :attr:`StopRequest.signum` of the yielded request; the code
+    in the block checks it where its state is consistent (a training loop:
+    after each complete step) and stops there (:meth:`StopRequest.check`
+    raises :class:`Stopped`). A second signal while one is pending raises
+    :class:`Stopped` at once, wherever it lands.
+
+    Handlers are installed only in the main thread (the only one Python
+    delivers signals to; elsewhere the request is never set) and not for a
+    signal that is ignored (``SIG_IGN``, e.g. SIGINT of a background job,
+    stays ignored); the previous handlers are restored on exit (``SIG_DFL``
+    for one not installed from Python). Nested use (fsam-sweep around the
+    Trainer of each run) yields the outer request and changes nothing."""
+    if _ACTIVE:
+        yield _ACTIVE[-1]
+        return
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.signum is not None:
+            raise Stopped(signum)
+        request.signum = signum
+
+    old = {}
+    try:
+        for sig in signals:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, handler)
+        _ACTIVE.append(request)
+        yield request
+    finally:
+        if request in _ACTIVE:
+            _ACTIVE.remove(request)
+        for sig, prev in old.items():
+            signal.signal(sig, signal.SIG_DFL if prev is None else prev)

@@ -1,10 +1,13 @@
-"""fsam_kernels._cli: the range checks, device resolution and atomic writes
-shared by fsam-train, fsam-sweep and fsam-diagnose."""
+"""fsam_kernels._cli: the range checks, device resolution, atomic writes, the
+help formatter and the clean stop on SIGINT / SIGTERM shared by fsam-train,
+fsam-sweep and fsam-diagnose."""
 import argparse
 import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import warnings
 
 import pytest
@@ -185,3 +188,66 @@ def test_temp_names_differ_per_write(tmp_path):
     for _ in range(2):
         C.atomic_write(str(tmp_path / "f"), lambda tmp: (names.append(tmp), open(tmp, "w").close()))
     assert names[0] != names[1] and str(os.getpid()) in names[0]
+
+
+# --------------------------------------------------------------------------- help
+def test_help_formatter_states_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    p = argparse.ArgumentParser(prog="tool", formatter_class=C.HelpFormatter)
+    p.add_argument("--n", type=int, default=3, help="count")
+    p.add_argument("--on", action="store_true", help="switch on")
+    p.add_argument("--no-off", dest="off", action="store_false", help="switch off")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up (default: 10%% of --n)")
+    p.add_argument("--cap", type=int, default=None, help="a cap")
+    text = " ".join(p.format_help().split())
+    assert "--n N count (default: 3)" in text
+    assert "--on switch on --no-off switch off" in text  # no (default: False) / (default: True)
+    assert "--warmup WARMUP warm-up (default: 10% of --n) --cap CAP a cap" in text
+    assert text.count("(default") == 2
+
+
+# --------------------------------------------------------------------------- signals
+def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
+    before = {s: signal.getsignal(s) for s in C.STOP_SIGNALS}
+    with C.stop_on_signals() as stop:
+        assert not stop and stop.signum is None
+        stop.check()  # nothing pending: no-op
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on
+        assert stop and stop.signum == signal.SIGTERM
+        with C.stop_on_signals() as inner:  # nested: the same request, the same handlers
+            assert inner is stop and signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+        with pytest.raises(C.Stopped) as e:
+            stop.check()
+        assert e.value.signum == signal.SIGTERM and e.value.status == 143 and e.value.name == "SIGTERM"
+        assert not isinstance(e.value, KeyboardInterrupt)
+        with pytest.raises(C.Stopped) as e:  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert e.value.status == 130 and stop.signum == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in C.STOP_SIGNALS} == before
+    with C.stop_on_signals() as again:  # a fresh request
+        assert not again
+
+
+def test_stop_on_signals_leaves_an_ignored_signal_ignored_and_other_threads_alone():
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with C.stop_on_signals() as stop:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert not stop
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    seen = {}
+
+    def worker():
+        with C.stop_on_signals() as stop:
+            seen["stop"], seen["handler"] = stop, signal.getsignal(signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert not seen["stop"] and seen["handler"] is before and signal.getsignal(signal.SIGINT) is before

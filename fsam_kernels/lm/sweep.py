@@ -58,10 +58,8 @@ import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -69,8 +67,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .._cli import (NONNEG_INT, POSITIVE_INT, Range, amp_autocast, atomic_write_json, atomic_write_jsonl,
-                    atomic_write_text, check_ranges, device_and_backend, set_threads)
+from .._cli import (NONNEG_INT, POSITIVE_INT, HelpFormatter, Range, Stopped, amp_autocast,
+                    atomic_write_json, atomic_write_jsonl, atomic_write_text, check_ranges,
+                    device_and_backend, set_threads, stop_on_signals)
 from . import train as T
 from .data import DataError, prepare_from_args, val_batches
 from .model import GPT, GPTConfig, config_for
@@ -656,19 +655,6 @@ def collect_results(out: str) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``ArgumentDefaultsHelpFormatter`` without the ``(default: ...)`` of a
-    flag that takes no value (``--no-plots`` would read ``(default: True)``,
-    the value of its ``dest``, as if the flag were on) and of an option whose
-    help already says its default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.nargs == 0 or "(default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 #: a sweep needs a test split: --test-fraction in (0, 1)
 TEST_FRACTION = Range(float, 0, 1, low_open=True, high_open=True)
 
@@ -803,28 +789,6 @@ def check_config(out: str, cfg: dict) -> None:
                          "use the same settings or another --out")
 
 
-class _Stopped(BaseException):
-    """SIGINT or SIGTERM (``signum``), raised in the main thread by the
-    handler :func:`main` installs for the training. Not a KeyboardInterrupt:
-    the running :class:`~fsam_kernels.lm.train.Trainer` does not checkpoint
-    wherever the signal landed (inside an optimizer step the parameters and
-    the optimizer state can be half updated), so the run continues from its
-    last evaluation checkpoint, written between steps, and gives the same
-    numbers as an uninterrupted run."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum, frame):
-    raise _Stopped(signum)
-
-
-#: the signals that stop a sweep cleanly
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 def main(argv=None) -> int:
     """Entry point of ``fsam-sweep``. Returns 0 when done (or stopped by
     ``--max-runs``); bad arguments, a ``--out`` holding a sweep of other
@@ -834,13 +798,16 @@ def main(argv=None) -> int:
     Ctrl-C (SIGINT) and SIGTERM stop the sweep cleanly: the report of the
     finished runs is written and main returns 130 (SIGINT) or 143 (SIGTERM),
     128 + the signal number, the status of a process killed by it. The run in
-    progress continues from its last evaluation checkpoint when the same
+    progress stops at the next step boundary, checkpointed there (the
+    Trainer's :meth:`~fsam_kernels.lm.train.Trainer.run`; a signal between
+    runs stops before the next one), and continues from there when the same
     command is run again (with the same result as an uninterrupted run).
-    The handlers are installed for the training only (in the main thread,
-    and not for a signal that is ignored, e.g. SIGINT of a background job)
-    and the previous ones restored before the final report is written. A
-    KeyboardInterrupt raised otherwise also ends in the report and 130 (the
-    Trainer checkpoints where it stopped)."""
+    The handlers (:func:`fsam_kernels._cli.stop_on_signals`) are installed
+    for the training only (in the main thread, and not for a signal that is
+    ignored, e.g. SIGINT of a background job) and the previous ones restored
+    before the final report is written. A KeyboardInterrupt raised otherwise
+    also ends in the report and 130 (the Trainer checkpoints it only between
+    steps)."""
     args, targs = parse_args(argv)
     parser = build_parser()
     if args.report_only:
@@ -895,10 +862,11 @@ def main(argv=None) -> int:
     results = collect_results(args.out)
     budget = [args.max_runs]
 
-    def run_list(specs, bar):
+    def run_list(specs, bar, stop):
         for sp in specs:
             if sp.run_id in results:
                 continue
+            stop.check()  # a signal after the previous run (its final evaluation, the report)
             if budget[0] is not None:
                 if budget[0] <= 0:
                     return False
@@ -920,27 +888,23 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(p1) + n_p2, desc="sweep", unit="run", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr, position=0)
     bar.update(sum(1 for sp in p1 if sp.run_id in results))
-    old_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in _STOP_SIGNALS:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                old_handlers[sig] = signal.signal(sig, _raise_stopped)
     try:
-        if run_list(p1, bar):
-            chosen = {}
-            for n in args.names:
-                if n in SAM_FAMILY:
-                    c = choose_rho(results, n, grid_for(n, args.rho_grid, args.prho_grid),
-                                   args.select_list, args.steps)
-                    if c["rho"] is not None:
-                        chosen[n] = c["rho"]
-            p2 = phase2(chosen, args.seed_list, args.select_list, args.steps, args.compute_matched)
-            bar.update(sum(1 for sp in p2 if sp.run_id in results))
-            run_list(p2, bar)
-    except _Stopped as e:
-        print(f"\nstopped by {signal.Signals(e.signum).name}: rerun the same command to continue (finished "
-              "runs are kept; the run in progress continues from its last evaluation)", file=sys.stderr)
-        status = 128 + e.signum
+        with stop_on_signals() as stop:  # restores the previous handlers before the report
+            if run_list(p1, bar, stop):
+                chosen = {}
+                for n in args.names:
+                    if n in SAM_FAMILY:
+                        c = choose_rho(results, n, grid_for(n, args.rho_grid, args.prho_grid),
+                                       args.select_list, args.steps)
+                        if c["rho"] is not None:
+                            chosen[n] = c["rho"]
+                p2 = phase2(chosen, args.seed_list, args.select_list, args.steps, args.compute_matched)
+                bar.update(sum(1 for sp in p2 if sp.run_id in results))
+                run_list(p2, bar, stop)
+    except Stopped as e:
+        print(f"\nstopped by {e.name}: rerun the same command to continue (finished runs are kept; "
+              "the run in progress continues from the step where it was checkpointed)", file=sys.stderr)
+        status = e.status
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         status = 130
@@ -949,8 +913,6 @@ def main(argv=None) -> int:
             raise
         parser.error(str(e))
     finally:
-        for sig, old in old_handlers.items():
-            signal.signal(sig, signal.SIG_DFL if old is None else old)
         bar.close()
     rep = write_report(args.out, cfg, results, plots=args.plots)
     print(format_report(rep))

@@ -58,8 +58,14 @@ Output directory (``--out``, default ``runs/lm``):
 * ``summary.json``: the arguments, per-run final results and the table.
 * ``loss_curves.png``: validation (solid) and training (dashed) loss per optimizer.
 * ``ckpt/<optimizer>-seed<k>.pt``: model + optimizer state_dict + step + RNG
-  state + the run's metrics, written at every evaluation; ``--resume``
-  continues from them (the data position is the step).
+  state + the run's metrics, written at every evaluation and when the run is
+  stopped; ``--resume`` continues from them (the data position is the step).
+
+Ctrl-C (SIGINT) or SIGTERM stops fsam-train after the optimizer step in
+progress: that step boundary is checkpointed (never a half-updated state)
+and the exit status is 130 / 143; ``--resume`` then gives the numbers of an
+uninterrupted run (timings aside). A second signal stops at once and keeps
+the last checkpoint.
 
 The output layer and its loss (``--head``): ``fused`` (default) computes the
 cross-entropy through :class:`fsam_kernels.heads.FusedLinearCrossEntropy`,
@@ -76,6 +82,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -88,9 +95,9 @@ import torch.nn.functional as F
 # resolve_device, check_backend and default_threads live in fsam_kernels._cli (shared by the
 # CLIs); imported here also so that fsam_kernels.lm.train.resolve_device etc. keep working
 from .._cli import (FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT,  # noqa: F401
-                    amp_autocast, atomic_torch_save, atomic_write_json, atomic_write_jsonl,
-                    check_backend, default_threads, device_and_backend, resolve_device,
-                    set_threads)
+                    HelpFormatter, Stopped, amp_autocast, atomic_torch_save, atomic_write_json,
+                    atomic_write_jsonl, check_backend, default_threads, device_and_backend,
+                    resolve_device, set_threads, stop_on_signals)
 from .data import DataError, add_data_args, prepare_from_args, train_batch, val_batches
 from .model import GPT, PRESETS, config_for
 
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small decoder-only LM with AdamW, SAM, Functional-SAM and the "
                     "preconditioned variants on the same data and initialisation; "
                     "write metrics, a summary, a loss-curve plot and checkpoints.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
                    help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
     p.add_argument("--steps", type=_POS_INT, default=150, help="optimizer steps per run")
@@ -183,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the checkpoints in --out (finished runs are not rerun; "
                         "--out must exist)")
     p.add_argument("--stop-after", type=_NONNEG_INT, default=None, metavar="STEP",
-                   help="stop every run at this step (checkpointed, resumable with --resume)")
+                   help="stop every run at this step (checkpointed, resumable with --resume; "
+                        "default: run to --steps)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     p.add_argument("--threads", type=_POS_INT, default=None,
@@ -415,8 +423,8 @@ class Trainer:
     ``autocast``: a zero-argument context-manager factory (the forward
     passes run under it); ``on_eval(record)``: called after each evaluation,
     once the checkpoint is written; ``resume_hint``: how to continue, printed
-    after ``interrupted: <run> checkpointed at step N;`` on KeyboardInterrupt
-    (fsam-train's :data:`RESUME_HINT`; fsam-sweep passes its own).
+    after ``interrupted: <run> checkpointed at step N;`` when the run is
+    stopped (fsam-train's :data:`RESUME_HINT`; fsam-sweep passes its own).
 
     Construction seeds torch with ``seed`` and builds the model and the
     optimizer (every optimizer of a seed starts from the same weights).
@@ -426,8 +434,15 @@ class Trainer:
 
     State: ``model``, ``optimizer``, ``step`` (optimizer steps done),
     ``elapsed`` (training wall seconds, evaluation excluded), ``records``
-    (this run's evaluation records, in order) and ``ckpt_path``
-    (``<out>/ckpt/<name>-seed<seed>.pt``).
+    (this run's evaluation records, in order), ``ckpt_path``
+    (``<out>/ckpt/<name>-seed<seed>.pt``) and ``saved_step`` (the step of
+    the checkpoint there, None before the first).
+
+    A checkpoint is only ever written at a step boundary: SIGINT / SIGTERM
+    during :meth:`run` stop it after the step in progress (see :meth:`run`);
+    a KeyboardInterrupt raised inside an update leaves the last checkpoint
+    as it was. After that the in-memory state may be half updated: build a
+    new Trainer and :meth:`resume`.
     """
 
     def __init__(self, name: str, seed: int, args, data, val, device,
@@ -455,10 +470,15 @@ class Trainer:
         # pass-1 loss since the last evaluation (a device tensor: no sync per step)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._loss_n = 0
+        self.saved_step: Optional[int] = None
+        # False while train_step / evaluate change the state (model, optimizer, step, loss sums,
+        # records): a KeyboardInterrupt then must not be checkpointed
+        self._consistent = True
 
     def resume(self) -> bool:
         """Continue from :attr:`ckpt_path` when it exists (model, optimizer,
-        step, elapsed, records, RNG state); returns whether it did. Raises
+        step, elapsed, records, RNG state, the training-loss sum since the
+        last evaluation); returns whether it did. Raises
         ValueError naming ``--resume`` and the differing arguments when the
         checkpoint was written with other arguments (:data:`_RESUME_KEYS`),
         RuntimeError once this trainer has trained or evaluated."""
@@ -476,6 +496,11 @@ class Trainer:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.step, self.elapsed, self.records = ck["step"], ck["elapsed"], list(ck["records"])
+        # checkpoints written at an evaluation (all of them before interrupts were checkpointed
+        # between evaluations) have an empty sum
+        self._loss_sum.fill_(float(ck.get("loss_sum", 0.0)))
+        self._loss_n = int(ck.get("loss_n", 0))
+        self.saved_step = self.step
         torch.set_rng_state(ck["rng"]["torch"])
         if ck["rng"].get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
@@ -484,14 +509,23 @@ class Trainer:
     def save(self) -> None:
         """Write the checkpoint atomically: model and optimizer state_dict,
         step, elapsed, records, RNG state (torch; CUDA's on a CUDA device),
-        model_config and the resume signature."""
+        the pass-1 loss sum and count since the last evaluation (``loss_sum``
+        float, ``loss_n`` int: the next evaluation's train_loss after a
+        resume is the uninterrupted run's), model_config and the resume
+        signature. Raises RuntimeError when called inside an update (the
+        state is not one of a step boundary)."""
+        if not self._consistent:
+            raise RuntimeError(f"Trainer.save: {self.run_id} is inside step {self.step + 1}; "
+                               "a checkpoint is written only between steps")
         dev = self.device
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "step": self.step, "elapsed": self.elapsed, "records": self.records,
+                           "loss_sum": float(self._loss_sum.item()), "loss_n": self._loss_n,
                            "rng": rng, "model_config": asdict(self.model_config),
                            "signature": _resume_signature(self.args)}, self.ckpt_path)
+        self.saved_step = self.step
 
     def evaluate(self) -> dict:
         """Evaluate at the current step: the validation loss (nats/token),
@@ -512,9 +546,11 @@ class Trainer:
             from ..diagnostics import diagnose_lm
 
             rec.update(diagnose_lm(self.model, self.optimizer, *self.val[0]))
+        self._consistent = False
         self.records.append(rec)
         self._loss_sum.zero_()
         self._loss_n = 0
+        self._consistent = True
         self.save()
         if self.on_eval is not None:
             self.on_eval(rec)
@@ -532,6 +568,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
+        self._consistent = False  # from here to step += 1 the state is half updated
         loss = train_step(self.model, self.optimizer, micro, self.autocast, self.head)
         self._loss_sum += loss.double()
         self._loss_n += 1
@@ -539,6 +576,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self.elapsed += time.perf_counter() - t0
         self.step += 1
+        self._consistent = True
         return loss
 
     def summary(self) -> dict:
@@ -554,11 +592,21 @@ class Trainer:
         """Train from the current step to ``args.steps`` (or
         ``args.stop_after``), evaluating at step 0 (a fresh run), every
         ``args.eval_every`` steps, at the last step and where ``stop_after``
-        stops between evaluations; returns :meth:`summary`. On
-        KeyboardInterrupt: checkpoints, says how to continue, re-raises."""
+        stops between evaluations; returns :meth:`summary`.
+
+        Stopping. The run is under :func:`fsam_kernels._cli.stop_on_signals`
+        (fsam-sweep's, when it runs one): SIGINT or SIGTERM finishes the step
+        (or evaluation) in progress, checkpoints that step boundary
+        (:meth:`save`), prints ``interrupted by SIGINT: <run> checkpointed at
+        step N; <resume_hint>`` and raises :class:`~fsam_kernels._cli.Stopped`;
+        resuming there gives the numbers of the uninterrupted run. A second
+        signal stops at once (``Stopped`` from inside the step): nothing is
+        written and the last checkpoint stays. A KeyboardInterrupt (not a
+        signal while the handlers are installed; e.g. raised by a callback)
+        is checkpointed only when it arrives between steps; inside an
+        update the last checkpoint stays. Both are re-raised after the
+        message."""
         args = self.args
-        if self.step == 0 and not self.records:
-            self.evaluate()
         end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
         from tqdm.auto import tqdm
 
@@ -566,31 +614,56 @@ class Trainer:
                    disable=args.no_progress, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         if self.records:
             bar.set_postfix(val=f"{self.records[-1]['val_loss']:.3f}")
-        self.model.train()
-        try:
-            while self.step < end:
-                self.train_step()
+        with stop_on_signals() as stop:
+            try:
+                if self.step == 0 and not self.records:
+                    self.evaluate()
+                self.model.train()
+                while self.step < end and not stop:
+                    self.train_step()
+                    step = self.step
+                    bar.update(1)
+                    if step % 5 == 0 or step == end:
+                        bar.set_postfix(loss=f"{self._loss_sum.item() / self._loss_n:.3f}",
+                                        tok_s=f"{step * self.tokens_per_step / max(self.elapsed, 1e-9):,.0f}")
+                    if step % args.eval_every == 0 or step == args.steps:
+                        rec = self.evaluate()
+                        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
+                                        tok_s=f"{rec['tokens_per_s'] or 0:,.0f}")
                 step = self.step
-                bar.update(1)
-                if step % 5 == 0 or step == end:
-                    bar.set_postfix(loss=f"{self._loss_sum.item() / self._loss_n:.3f}",
-                                    tok_s=f"{step * self.tokens_per_step / max(self.elapsed, 1e-9):,.0f}")
-                if step % args.eval_every == 0 or step == args.steps:
-                    rec = self.evaluate()
-                    bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
-                                    tok_s=f"{rec['tokens_per_s'] or 0:,.0f}")
-        except KeyboardInterrupt:
-            self.save()
-            bar.close()
-            print(f"\ninterrupted: {self.run_id} checkpointed at step {self.step}; {self.resume_hint}",
-                  file=sys.stderr)
-            raise
-        step = self.step
-        if step % args.eval_every != 0 and step != args.steps and step > 0 and (
-                not self.records or self.records[-1]["step"] != step):
-            self.evaluate()  # stopped early by --stop-after between evaluations
+                if not stop and step % args.eval_every != 0 and step != args.steps and step > 0 and (
+                        not self.records or self.records[-1]["step"] != step):
+                    self.evaluate()  # stopped early by --stop-after between evaluations
+                if stop:
+                    if self.saved_step != self.step:
+                        self.save()
+                    self._interrupted(f" by {signal.Signals(stop.signum).name}", True, bar)
+            except Stopped as e:  # a second signal, inside a step, an evaluation or the save
+                self._interrupted(f" at once by a second {e.name}", False, bar)
+                raise
+            except KeyboardInterrupt:
+                saved = self._consistent
+                if saved:
+                    self.save()
+                self._interrupted("", saved, bar)
+                raise
+            stop.check()  # Stopped after the checkpoint of the step boundary
         bar.close()
         return self.summary()
+
+    def _interrupted(self, how: str, saved: bool, bar) -> None:
+        """The message of a stopped run on stderr: where it was checkpointed
+        (``saved``: at the current step), or which checkpoint stays."""
+        bar.close()
+        if saved:
+            where = f"checkpointed at step {self.step}"
+        else:
+            kept = ("no checkpoint was written yet" if self.saved_step is None
+                    else f"its checkpoint of step {self.saved_step} is kept")
+            where = (f"not checkpointed at step {self.step}" if self._consistent else
+                     f"not checkpointed inside step {self.step + 1} (its parameters and "
+                     f"optimizer state may be half updated)") + f"; {kept}"
+        print(f"\ninterrupted{how}: {self.run_id} {where}; {self.resume_hint}", file=sys.stderr)
 
 
 def train_one(name: str, seed: int, args, data, val, device, autocast, records_out: list,
@@ -680,7 +753,11 @@ def plot(records: list[dict], names: list[str], path: str, title: str) -> None:
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """Entry point of ``fsam-train``; returns 0 (argument errors exit with
-    status 2 and a message naming the argument)."""
+    status 2 and a message naming the argument). SIGINT (Ctrl-C) and SIGTERM
+    during the training stop it at the next step boundary, checkpointed
+    there (:meth:`Trainer.run`): main returns 130 and 143 (``128 + signum``),
+    and ``--resume`` continues with the numbers of an uninterrupted run. A
+    KeyboardInterrupt otherwise also returns 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -735,13 +812,17 @@ def main(argv=None) -> int:
         atomic_write_jsonl(metrics_path, records)
 
     try:
-        for seed in range(args.seed_offset, args.seed_offset + args.seeds):
-            for n in names:
-                runs.append(train_one(n, seed, args, data, val, device, autocast, records, flush))
+        with stop_on_signals() as stop:  # one request for all runs (each Trainer.run nests)
+            for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+                for n in names:
+                    stop.check()
+                    runs.append(train_one(n, seed, args, data, val, device, autocast, records, flush))
     except ValueError as e:
         if str(e).startswith("--"):
             parser.error(str(e))
         raise
+    except Stopped as e:  # SIGINT / SIGTERM: the run in progress checkpointed between steps
+        return e.status
     except KeyboardInterrupt:
         return 130
     flush()
