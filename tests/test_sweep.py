@@ -409,7 +409,26 @@ def test_committed_sweep_results_are_not_git_ignored():
 # --------------------------------------------------------------------------- reviewer findings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = [os.path.join(REPO, "bench", "results", d)
-           for d in ("sweep-shakespeare-cpu", "sweep-shakespeare-cpu-6000")]
+           for d in ("sweep-shakespeare-cpu", "sweep-shakespeare-cpu-6000", "sweep-shakespeare-cpu-datalimited")]
+#: the committed studies whose per-run results are committed (report.md can be rebuilt)
+STUDIES_WITH_RUNS = [os.path.join(REPO, "bench", "results", d) for d in (
+    "sweep-shakespeare-cpu-6000", "sweep-shakespeare-cpu-datalimited",
+    "sweep-shakespeare-cpu-datalimited/adamw-scaling/steps1500",
+    "sweep-shakespeare-cpu-datalimited/adamw-scaling/steps12000")]
+
+
+@pytest.mark.parametrize("study", STUDIES_WITH_RUNS, ids=lambda d: d.split("results" + os.sep)[-1])
+def test_committed_report_is_rebuilt_from_the_committed_results(tmp_path, study):
+    """Every number in a committed study's report.md follows from its committed
+    runs/<run id>/result.json files and sweep.json: --report-only on a copy
+    rewrites report.md byte for byte (the README tables quote these files)."""
+    if not os.path.exists(os.path.join(study, "sweep.json")):
+        pytest.skip(f"{study} not in this checkout")
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy, ignore=shutil.ignore_patterns("*.png", "report.*"))
+    assert S.main(["--out", str(copy), "--report-only", "--no-plots"]) == 0
+    with open(os.path.join(study, "report.md"), "rb") as f, open(copy / "report.md", "rb") as g:
+        assert f.read() == g.read()
 
 
 @pytest.mark.parametrize("study", STUDIES, ids=os.path.basename)

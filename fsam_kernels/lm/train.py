@@ -29,7 +29,11 @@ radii chosen on the validation split by the ``fsam-sweep`` study
 0.003-0.3 and 0.003-0.1: sam and fsam chose 0.01, psam and pfsam 0.003; the
 loss of every SAM-family optimizer rose with rho above those values, and
 none beat AdamW there). They were chosen for that setting, not re-tuned for
-the 150-step small-preset run.
+the 150-step small-preset run, which is compute-limited like it (all of the
+corpus, far from convergence). The data-limited study, where AdamW has
+flattened (``bench/results/sweep-shakespeare-cpu-datalimited/``, preset mini
+on 127k tokens for 24 epochs), chose larger radii (sam, fsam, psam 0.1, pfsam
+0.03); they fit that regime, not this run.
 
 Measured with ``make train`` (150 steps of 16 x 128 tokens, preset small,
 1.34M parameters, one seed, idle 2-core CPU: 268 s in all, data preparation
