@@ -64,7 +64,8 @@ data: setup
 # idle 2-core CPU, data preparation included (see fsam_kernels/lm/train.py).
 # --rho / --prho: the radii chosen by the fsam-sweep study
 # (bench/results/sweep-shakespeare-cpu/: sam and fsam chose 0.01, psam and pfsam 0.003).
-# (The data-limited study, where AdamW flattens, chose 0.1 / 0.03: another regime; README.)
+# (The data-limited study, where AdamW overfits past its best budget, chose sam/fsam/psam 0.1,
+# pfsam 0.03: another regime; README.)
 train: data
 	$(VENV)/bin/fsam-train --corpus $(CORPUS) --preset small --optimizers adamw,sam,fsam,psam,pfsam \
 	  --steps 150 --batch-size 16 --seq-len 128 --eval-every 25 --rho 0.01 --prho 0.003 \

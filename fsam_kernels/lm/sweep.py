@@ -545,7 +545,8 @@ def format_report(rep: dict) -> str:
     if extra:
         L += ["", f"## Finished runs outside the plan ({len(extra)})", "",
               "Under runs/ but not planned by these settings (another grid, seeds or "
-              "--no-compute-matched); not in the tables above.", ""] + [f"- {m}" for m in extra]
+              "--no-compute-matched); not in the optimizer table above (the ρ-selection table's "
+              "test column counts them at their ρ).", ""] + [f"- {m}" for m in extra]
     return "\n".join(L) + "\n"
 
 
