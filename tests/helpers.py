@@ -159,3 +159,27 @@ class GradSpy(_ReferenceBackend):
         for p, g in zip(params, grads):
             self.seen[p] = g.clone()
         return super().restore_adamw(params, grads, backups, *a, **k)
+
+
+# ------------------------------------------------------------------ CLI help
+def help_entries(parser) -> tuple[str, dict[str, str]]:
+    """(``parser``'s --help text at 100 columns, option -> its help joined
+    on one line with whitespace collapsed), for the CLI help tests."""
+    import os
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        text = parser.format_help()
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+    entries, flag = {}, None
+    for line in text[text.index("options:"):].splitlines()[1:]:
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = ""
+        if flag is not None:
+            entries[flag] = " ".join((entries[flag] + " " + line).split())
+    return text, entries

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import help_entries
 from fsam_kernels._cli import atomic_write_json
 from fsam_kernels.lm import data as lmdata
 from fsam_kernels.lm import sweep as S
@@ -422,8 +423,7 @@ def test_committed_report_is_rebuilt_from_the_committed_results(tmp_path, study)
     """Every number in a committed study's report.md follows from its committed
     runs/<run id>/result.json files and sweep.json: --report-only on a copy
     rewrites report.md byte for byte (the README tables quote these files)."""
-    if not os.path.exists(os.path.join(study, "sweep.json")):
-        pytest.skip(f"{study} not in this checkout")
+    assert os.path.exists(os.path.join(study, "sweep.json")), f"the committed study {study} is missing"
     copy = tmp_path / "study"
     shutil.copytree(study, copy, ignore=shutil.ignore_patterns("*.png", "report.*"))
     assert S.main(["--out", str(copy), "--report-only", "--no-plots"]) == 0
@@ -436,8 +436,7 @@ def test_committed_study_settings_still_match_with_grad_accum_and_head(tmp_path,
     """The committed sweep.json files predate --grad-accum and --head in the
     compared settings: their own command still matches them (the fsam-train
     defaults), another --grad-accum or --head does not."""
-    if not os.path.exists(os.path.join(study, "sweep.json")):
-        pytest.skip(f"{study} not in this checkout")
+    assert os.path.exists(os.path.join(study, "sweep.json")), f"the committed study {study} is missing"
     saved = json.load(open(os.path.join(study, "sweep.json")))
     assert not {"grad_accum", "head"} & set(saved["config"]["train_args"])
     shutil.copy(os.path.join(study, "sweep.json"), tmp_path / "sweep.json")
@@ -529,8 +528,8 @@ def test_report_only_without_finished_runs_writes_nothing(tmp_path, capsys):
     study lost them): --report-only refuses instead of overwriting its report."""
     study = STUDIES[0]
     names = ["sweep.json", "report.md", "report.json", "rho.png", "curves.png", "passes.png"]
-    if not all(os.path.exists(os.path.join(study, n)) for n in names):
-        pytest.skip(f"{study} not in this checkout")
+    missing = [n for n in names if not os.path.exists(os.path.join(study, n))]
+    assert not missing, f"the committed study {study} lacks {missing}"
     out = tmp_path / "copy"
     out.mkdir()
     for n in names:
@@ -548,15 +547,8 @@ def test_report_only_without_finished_runs_writes_nothing(tmp_path, capsys):
         assert sorted(os.listdir(out)) == sorted(names + ["runs"])
 
 
-def test_help_states_each_default_once(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")
-    help_text = S.build_parser().format_help()
-    entries, flag = {}, None  # option -> its help, one line
-    for line in help_text[help_text.index("options:"):].splitlines()[1:]:
-        if line.startswith("  -"):
-            flag = line.split()[0].rstrip(",")
-            entries[flag] = ""
-        entries[flag] = " ".join((entries[flag] + " " + line).split())
+def test_help_states_each_default_once():
+    help_text, entries = help_entries(S.build_parser())
     assert "(default: True)" not in help_text and "(default: False)" not in help_text
     for flag in ("--no-compute-matched", "--no-diagnose", "--no-plots", "--no-progress", "--report-only"):
         assert "(default" not in entries[flag], entries[flag]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import help_entries
 from fsam_kernels._cli import Stopped
 from fsam_kernels.lm import train as T
 from fsam_kernels.lm.data import val_batches
@@ -319,19 +320,11 @@ def test_fsam_train_main_returns_143_on_sigterm(tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- help
-def test_help_states_each_default_once(monkeypatch):
+def test_help_states_each_default_once():
     """No ``(default: False)`` on flags (--amp, --resume, --no-progress), one
     default on options whose help states it (--warmup, --threads), none for
     options unset by default."""
-    monkeypatch.setenv("COLUMNS", "100")
-    help_text = T.build_parser().format_help()
-    entries, flag = {}, None  # option -> its help, one line
-    for line in help_text[help_text.index("options:"):].splitlines()[1:]:
-        if line.startswith("  -"):
-            flag = line.split()[0].rstrip(",")
-            entries[flag] = ""
-        if flag is not None:
-            entries[flag] = " ".join((entries[flag] + " " + line).split())
+    help_text, entries = help_entries(T.build_parser())
     assert "(default: False)" not in help_text and "(default: True)" not in help_text
     assert "(default: None)" not in help_text
     for flag in ("--amp", "--resume", "--no-progress"):
